@@ -19,7 +19,7 @@ import torch
 from circuitctl.config.schema import SelectionConfig
 from circuitctl.graph.selection import DEFAULT_TOP_N
 from circuitctl.graph.units import view_for
-from circuitctl.metrics.faithfulness import MIB_PERCENTAGES, n_edges_for_percentage, normalized_faithfulness, top_edges
+from circuitctl.metrics.faithfulness import normalized_faithfulness, top_edges
 
 
 def select_units(scores: torch.Tensor, view, selection: SelectionConfig) -> torch.Tensor:
@@ -109,67 +109,24 @@ def finish_discovery(run_dir: Path, config, session, result, timings: dict, star
 
 def evaluate_circuit(circuit_path: Path, record: dict, config, config_dir, out_dir: Path, force: bool, known, batch_size):
     """`evaluate faithfulness` for a unit circuit file: f(C), completeness and the curve over units."""
-    from circuitctl.evaluation import FaithfulnessReport, _provenance, plot_curve
-    from circuitctl.io.files import refuse_overwrite, write_atomic, write_json
-    from circuitctl.metrics.faithfulness import cpr_cmd, precision_recall, roc_auc
-    from circuitctl.progress import bar
+    from circuitctl.metrics.faithfulness import against_known
+    from circuitctl.report import faithfulness_report, plot_curve, report_targets, write_report
     from circuitctl.session import open_session
 
-    targets = [out_dir / "faithfulness.json", out_dir / "faithfulness_curve.png"]
-    refuse_overwrite(targets, force)
+    targets = report_targets(out_dir, force)
     session = open_session(config, config_dir)
     view = view_for(record, session.adapter, session.data)
     scores, membership = view.read(record, str(circuit_path))
     evaluator = _evaluator(view, session, config, batch_size or config.method.batch_size)
-    m_full, m_empty = evaluator.full_and_empty()
     circuit = membership & view.mask
-    complement = view.mask & ~circuit
-    ks = [n_edges_for_percentage(p, view.n_total) for p in MIB_PERCENTAGES]
-    curves = [torch.stack([top_edges(scores, view.mask, k, absolute) for k in ks]) for absolute in (False, True)]
-    keep = torch.cat([circuit[None], complement[None], *curves])
-    n_batches = -(-session.data.n // evaluator.batch_size)
-    with bar(f"evaluating {view.unit} circuits", n_batches) as advance:
-        values = evaluator.circuit_values(keep, on_batch=advance).tolist()
-
-    def f(m: float) -> float:
-        return normalized_faithfulness(m, m_full, m_empty)
-
-    n = len(MIB_PERCENTAGES)
-    signed, absolute = [f(m) for m in values[2 : 2 + n]], [f(m) for m in values[2 + n :]]
-    cpr, cmd = cpr_cmd(signed, absolute)
     known_report = None
     if known is not None:
         names, flat_scores, flat_member = _unit_names(view, scores, circuit)
-        true = set(known)
-        precision, recall = precision_recall({nm for nm, m in zip(names, flat_member) if m}, true)
-        known_report = {
-            "precision": precision,
-            "recall": recall,
-            "roc_auc": roc_auc([abs(s) for s in flat_scores], [nm in true for nm in names]),
-        }
-    report = FaithfulnessReport(
-        circuit=str(circuit_path),
-        n_edges_total=view.n_total,
-        n_edges_in_circuit=int(circuit.sum()),
-        metric=config.metric,
-        ablation=config.ablation.type,
-        metric_full=m_full,
-        metric_empty=m_empty,
-        metric_circuit=values[0],
-        metric_complement=values[1],
-        faithfulness=f(values[0]),
-        completeness=f(values[1]),
-        percentages=list(MIB_PERCENTAGES),
-        curve_signed=signed,
-        curve_absolute=absolute,
-        cpr=cpr,
-        cmd=cmd,
-        known_circuit=known_report,
-        provenance=_provenance(config),
+        known_report = against_known(known, names, flat_scores, {nm for nm, m in zip(names, flat_member) if m})
+    report = faithfulness_report(
+        circuit_path, config, evaluator, session.data.n, view.mask, view.n_total, scores, circuit, f"evaluating {view.unit} circuits", known_report
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(targets[0], {**asdict(report), "unit": view.unit, "granularity": record.get("granularity")})
-    write_atomic(targets[1], plot_curve(report))
+    write_report(targets, {**asdict(report), "unit": view.unit, "granularity": record.get("granularity")}, plot_curve(report))
     return report, targets
 
 

@@ -119,8 +119,9 @@ def _describe(error: dict, root_cls, prefix: tuple, lines: dict[tuple, int], giv
     return f"{path}{where}: {msg}"
 
 
-def validate_config(data: Any, source: str = "config", lines: dict[tuple, int] | None = None) -> RunConfig:
-    """Validate a config mapping, reporting every problem at once."""
+def validate_config(data: Any, source: str = "config", lines: dict[tuple, int] | None = None, config_dir: Path | None = None) -> RunConfig:
+    """Validate a config mapping, reporting every problem at once. A config that names no metric
+    gets its task's (`with_task_metric`; task paths are read relative to `config_dir`)."""
     lines = lines or {}
     if not isinstance(data, dict):
         raise UsageError(f"{source}: a config must be a YAML mapping with sections model, task, method, ...")
@@ -155,7 +156,33 @@ def validate_config(data: Any, source: str = "config", lines: dict[tuple, int] |
         header = f"{source} is not a valid config ({len(problems)} problem{'s' if len(problems) > 1 else ''}):"
         raise UsageError(header + "\n  - " + "\n  - ".join(problems))
     assert config is not None and settings is not None
-    return config.model_copy(update={"method": settings})
+    return with_task_metric(config.model_copy(update={"method": settings}), config_dir)
+
+
+def with_task_metric(config: RunConfig, config_dir: Path | None) -> RunConfig:
+    """The config with the metric its run uses: the config's `metric` when it names one, else the
+    task's (`metric:` in its task.yaml, or a generator's), else the default, logit_diff. The
+    metric is then part of the config: config.yaml, circuit.json and the config hash record it,
+    so `discover --from RUN_DIR` reruns with the same metric. A task that cannot be read here
+    keeps the default (the run reports the problem when it reads the task)."""
+    if "metric" in config.model_fields_set:
+        return config
+    from circuitctl.config.schema import metric_names
+    from circuitctl.paths import SHIPPED_TASKS, resolve_path
+    from circuitctl.registry import unknown_name_message
+    from circuitctl.tasks.records import read_task_spec
+
+    try:
+        path = resolve_path(config.task.path, config_dir) if config.task.path else None
+        spec, origin = read_task_spec(config.task.name, path, SHIPPED_TASKS)
+    except (UsageError, OSError):
+        return config
+    if spec.metric is None:
+        return config
+    names = metric_names()
+    if spec.metric not in names:
+        raise UsageError(f"{origin}: {unknown_name_message('metric', spec.metric, names)}; fix the task's metric or name one in the config")
+    return config.model_copy(update={"metric": spec.metric})
 
 
 def _line(lines: dict[tuple, int], key: tuple) -> str:
@@ -169,7 +196,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise UsageError(f"{path}: the config file is empty")
     if isinstance(data, dict):
         data = apply_overrides(data, list(overrides or []))
-    return validate_config(data, str(path), lines)
+    return validate_config(data, str(path), lines, path.parent)
 
 
 def config_hash(config: RunConfig) -> str:

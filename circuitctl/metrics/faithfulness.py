@@ -85,3 +85,11 @@ def precision_recall(selected: set[str], true: set[str]) -> tuple[float, float]:
     precision = hits / len(selected) if selected else float("nan")
     recall = hits / len(true) if true else float("nan")
     return precision, recall
+
+
+def against_known(known: list[str], names: list[str], scores: list[float], selected: set[str]) -> dict:
+    """Precision and recall of the selected units, and ROC AUC of |score|, against the true units
+    `known` (`names` and `scores`: every unit of the graph, in one order)."""
+    true = set(known)
+    precision, recall = precision_recall(selected, true)
+    return {"precision": precision, "recall": recall, "roc_auc": roc_auc([abs(s) for s in scores], [n in true for n in names])}

@@ -193,13 +193,12 @@ def evaluate_feature_circuit(
 ) -> tuple[FeatureFaithfulnessReport, list[Path]]:
     """`evaluate faithfulness` for a feature-circuit file: JSON report and PNG curve."""
     from circuitctl.io.feature_circuit import read_feature_circuit
-    from circuitctl.io.files import refuse_overwrite, write_atomic, write_json
     from circuitctl.methods.sfc import position_labels
+    from circuitctl.report import report_provenance, report_targets, write_report
     from circuitctl.sae.loading import resolve_saes
     from circuitctl.session import open_session
 
-    targets = [out_dir / "faithfulness.json", out_dir / "faithfulness_curve.png"]
-    refuse_overwrite(targets, force)
+    targets = report_targets(out_dir, force)
     circuit, _ = read_feature_circuit(circuit_path)
     session = open_session(config, config_dir)
     adapter = session.adapter
@@ -222,52 +221,28 @@ def evaluate_feature_circuit(
         ablation="mean",
         node_threshold=circuit.node_threshold,
         **measured,
-        provenance=_provenance(config),
+        provenance=report_provenance(config),
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(targets[0], asdict(report))
-    write_atomic(targets[1], plot_curve(report))
+    write_report(targets, asdict(report), plot_curve(report))
     return report, targets
 
 
-def _provenance(config) -> dict:
-    from datetime import datetime, timezone
-
-    from circuitctl.config.load import config_hash
-    from circuitctl.io.circuit_file import library_versions
-
-    return {
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "config": config.to_plain(),
-        "config_hash": config_hash(config),
-        "seed": config.seed,
-        "library_versions": library_versions(),
-    }
-
-
 def plot_curve(report: FeatureFaithfulnessReport) -> bytes:
-    import io
+    """Faithfulness and completeness of the circuits of the curve, by their number of nodes."""
+    from circuitctl.report import render_png
 
-    import matplotlib
+    def draw(ax) -> None:
+        xs = report.curve_n_nodes
+        ax.plot(xs, report.curve_faithfulness, marker="o", label="faithfulness f(C)")
+        ax.plot(xs, report.curve_completeness, marker="s", label="completeness f(M \\ C)")
+        if report.n_nodes_in_circuit:
+            ax.axvline(report.n_nodes_in_circuit, color="grey", lw=0.8, ls=":", label=f"circuit (threshold {report.node_threshold:g})")
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.axhline(0.0, color="grey", lw=0.5)
+        ax.set_xscale("log")
+        ax.set_xlabel("nodes in circuit (features + error nodes)")
+        ax.set_ylabel("normalized metric")
+        ax.set_title(f"feature circuit over node thresholds ({report.metric}, mean ablation)")
+        ax.legend(fontsize=8)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-    xs = report.curve_n_nodes
-    ax.plot(xs, report.curve_faithfulness, marker="o", label="faithfulness f(C)")
-    ax.plot(xs, report.curve_completeness, marker="s", label="completeness f(M \\ C)")
-    if report.n_nodes_in_circuit:
-        ax.axvline(report.n_nodes_in_circuit, color="grey", lw=0.8, ls=":", label=f"circuit (threshold {report.node_threshold:g})")
-    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-    ax.axhline(0.0, color="grey", lw=0.5)
-    ax.set_xscale("log")
-    ax.set_xlabel("nodes in circuit (features + error nodes)")
-    ax.set_ylabel("normalized metric")
-    ax.set_title(f"feature circuit over node thresholds ({report.metric}, mean ablation)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return render_png(draw)

@@ -15,6 +15,13 @@ def generator_names() -> list[str]:
     return sorted(GENERATORS)
 
 
+def generator_metric(name: str) -> str | None:
+    """The metric a generator's task is measured with by default (None: the run's default)."""
+    from circuitctl.tasks.generators import get_generator
+
+    return get_generator(name).metric
+
+
 def shipped_task_names(shipped_dir: Path) -> list[str]:
     if not shipped_dir.is_dir():
         return []
@@ -52,6 +59,8 @@ def copy_task(name: str, destination: Path, shipped_dir: Path) -> list[Path]:
         "options": dict(info.options),
         "n_pairs": 100,
     }
+    if info.metric:
+        spec["metric"] = info.metric
     destination.mkdir(parents=True, exist_ok=True)
     target = destination / "task.yaml"
     target.write_text(yaml.safe_dump(spec, sort_keys=False))

@@ -140,6 +140,18 @@ def read_spec(path: Path) -> TaskSpec:
 
 def read_task(name: str | None, path: Path | None, shipped_dir: Path) -> TaskSource:
     """Read a task by shipped name, generator name, spec path or JSONL path."""
+    spec, pairs_file, origin = _locate(name, path, shipped_dir)
+    return TaskSource(spec, read_pairs_jsonl(pairs_file) if pairs_file is not None else None, origin)
+
+
+def read_task_spec(name: str | None, path: Path | None, shipped_dir: Path) -> tuple[TaskSpec, str]:
+    """The spec of a task (as `read_task` finds it) and where it comes from, without its pairs."""
+    spec, _, origin = _locate(name, path, shipped_dir)
+    return spec, origin
+
+
+def _locate(name: str | None, path: Path | None, shipped_dir: Path) -> tuple[TaskSpec, Path | None, str]:
+    """(spec, the JSONL file of its pairs or None for a generator, origin)."""
     if path is not None:
         if not path.exists():
             raise UsageError(f"task.path: '{path}' does not exist")
@@ -148,21 +160,18 @@ def read_task(name: str | None, path: Path | None, shipped_dir: Path) -> TaskSou
             if not path.is_file():
                 raise UsageError(f"task.path: directory has no task.yaml")
         if path.suffix == ".jsonl":
-            return TaskSource(TaskSpec(name=path.stem, pairs=path.name), read_pairs_jsonl(path), str(path))
-        spec = read_spec(path)
-        return _with_pairs(spec, path.parent, str(path))
+            return TaskSpec(name=path.stem, pairs=path.name), path, str(path)
+        return _with_pairs_file(read_spec(path), path)
     assert name is not None
     spec_file = shipped_dir / name / "task.yaml"
     if spec_file.is_file():
-        return _with_pairs(read_spec(spec_file), spec_file.parent, str(spec_file))
+        return _with_pairs_file(read_spec(spec_file), spec_file)
     from circuitctl.tasks import catalog
 
     if name in catalog.generator_names():
-        return TaskSource(TaskSpec(name=name, generator=name), None, f"generator:{name}")
+        return TaskSpec(name=name, generator=name, metric=catalog.generator_metric(name)), None, f"generator:{name}"
     raise UsageError("task.name: " + catalog.unknown_task_message(name, shipped_dir))
 
 
-def _with_pairs(spec: TaskSpec, base: Path, origin: str) -> TaskSource:
-    if spec.pairs is None:
-        return TaskSource(spec, None, origin)
-    return TaskSource(spec, read_pairs_jsonl(base / spec.pairs), origin)
+def _with_pairs_file(spec: TaskSpec, spec_file: Path) -> tuple[TaskSpec, Path | None, str]:
+    return spec, (spec_file.parent / spec.pairs if spec.pairs is not None else None), str(spec_file)

@@ -32,6 +32,7 @@ class GeneratorInfo:
     name: str
     description: str
     function: GeneratorFn
+    metric: str | None = None  # the task's metric when the run config names none
 
     @property
     def options(self) -> dict[str, Any]:
@@ -43,13 +44,13 @@ class GeneratorInfo:
 GENERATORS: dict[str, GeneratorInfo] = {}
 
 
-def register_generator(name: str, description: str) -> Callable[[GeneratorFn], GeneratorFn]:
-    """Decorator registering a generator function under `name`."""
+def register_generator(name: str, description: str, metric: str | None = None) -> Callable[[GeneratorFn], GeneratorFn]:
+    """Decorator registering a generator function under `name` (`metric`: its task's default metric)."""
 
     def decorator(function: GeneratorFn) -> GeneratorFn:
         if name in GENERATORS and GENERATORS[name].function is not function:
             raise ValueError(f"generator '{name}' is registered twice")
-        GENERATORS[name] = GeneratorInfo(name, description, function)
+        GENERATORS[name] = GeneratorInfo(name, description, function, metric)
         return function
 
     return decorator

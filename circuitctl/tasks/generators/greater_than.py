@@ -4,7 +4,7 @@ Interpreting mathematical abilities in a pre-trained language model", arXiv:2305
 "The war lasted from the year 1732 to the year 17" -> a two-digit year token greater than 32.
 The answers are all two-digit tokens above YY and the wrong answers those at or below it, so a
 probability-difference metric is the paper's probability difference (mass on greater years minus
-the rest). The corrupt prompt uses YY = 01, as in the paper, which leaves no year smaller.
+the rest): prob_diff is the task's metric when the run config names none. The corrupt prompt uses YY = 01, as in the paper, which leaves no year smaller.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def _splits(tokenizer: Tokenizer, century: int, yy: str, century_id: int) -> boo
     return encode(tokenizer, f" {century}{yy}") == [century_id, single_token_id(tokenizer, yy)]
 
 
-@register_generator("greater_than", "greater-than on years (Hanna et al. 2023), corrupt start year 01")
+@register_generator("greater_than", "greater-than on years (Hanna et al. 2023), corrupt start year 01", metric="prob_diff")
 def generate_greater_than(tokenizer: Tokenizer, n: int, seed: int = 0, *, century: int = 17) -> list[dict]:
     """Greater-than records for years `century`02..`century`98 (those whose year splits into the
     century token and a two-digit token). Positions: noun, YY (the start year's last two digits),
