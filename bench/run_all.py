@@ -9,7 +9,8 @@ on IOI-shaped inputs (random tokens, 15-token prompts, one answer and one wrong 
 a planted model with a known circuit (its own prompt pairs). Methods that need one patched
 (or decomposed) pass per edge, source or path (exact, ACDC, CD-T, path patching) run on the
 first `--slow-layers` layers of the GPT-2 shape with `--slow-examples` examples by default;
-the table labels every such row. `--memory` checks the README's memory formulas instead.
+the table labels every such row. `--memory` checks the README's memory formulas instead
+(bench/memory_table.py) and `--markdown` prints the README's table from the last results file.
 
 Each row runs in a fresh subprocess (its peak RSS is its own) that first times a plain forward
 + backward pass (activation gradients, parameters frozen) over the same examples with the same
@@ -35,6 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import build_model, peak_rss_mb, write_results  # noqa: E402
 
 EVALUATION = "evaluation"
+# memory check only (--memory): the engine's cached state (clean + ablation activations) that ACDC
+# and the evaluation keep for every example; ACDC's state when its search starts; one patched pass
+CACHE, ACDC_START, PATCHED, PATCHED_CIRCUITS = "engine_cache", "acdc_start", "patched_pass", "patched_circuits"
 # one patched (or decomposed) pass per edge, source or path: on a reduced model by default
 SLOW = ("exact", "acdc", "cdt", "path_patching")
 PUBLISHED = "published, IOI on GPT-2 small, 200 examples, one H100: EAP 21 s, ACDC 18,783 s (targets: EAP < 5 s, ACDC < 10 min)"
@@ -143,7 +147,36 @@ def inner(model_name: str, layers: int, method: str, examples: int, length: int,
     forward_passes = []
 
     def run():
-        if method == EVALUATION:
+        if method == CACHE:  # the engine's state for every example, as ACDC and the evaluation keep it
+            engine = context.engine(batch, keep_cache=True)
+            forward_passes.append(2 * len(list(engine.states())) / max(1, -(-data.n // batch)))
+        elif method == ACDC_START:  # what ACDC's incremental evaluator holds when its search starts
+            from circuitctl.models.nodes import NodeComputer
+            from circuitctl.patching.incremental import IncrementalSearch
+
+            engine = context.engine(batch, keep_cache=True)
+            IncrementalSearch(engine, NodeComputer(adapter)).current_value()
+            forward_passes.append(2.0)
+        elif method == PATCHED:  # exact patching's first patched pass: K single edges into layer 0
+            from circuitctl.methods.exact import single_edge_chunks
+
+            K = METHODS.get("exact").settings(name="exact").candidates_per_pass
+            us, vs = (torch.tensor(x) for x in zip(*next(single_edge_chunks(context.graph, K))))
+            masks = torch.zeros(len(us), context.graph.n_upstream, context.graph.n_downstream, dtype=torch.bool)
+            masks[torch.arange(len(us)), us, vs] = True
+            engine = context.engine(batch)
+            for state in engine.states():
+                engine.patched_metric(state, masks)
+            forward_passes.append(2.0 + len(us))
+        elif method == PATCHED_CIRCUITS:  # the evaluation's patched pass: K circuits, ablated edges in every layer
+            from memory_table import EVALUATION_K
+
+            masks = context.graph.edge_mask[None].repeat(EVALUATION_K, 1, 1)  # the empty circuit, K times
+            engine = context.engine(batch)
+            for state in engine.states():
+                engine.patched_metric(state, masks)
+            forward_passes.append(2.0 + len(masks))
+        elif method == EVALUATION:
             forward_passes.append(_evaluation(context, batch))
         else:
             settings = METHODS.get(method).settings(name=method, batch_size=batch)
@@ -233,45 +266,79 @@ def print_table(results: list[dict], args, meta: dict) -> None:
     console.print(PUBLISHED)
 
 
-# ----------------------------------------------------------------------------------------
-# Memory: measured peak RSS against the README's formulas
-# ----------------------------------------------------------------------------------------
-def predicted_bytes_per_example(cfg, length: int, stacked_steps: int = 1) -> float:
-    """The README's per-example memory of one batch (float32, s = 4): node outputs of the clean
-    and ablation runs and their float32 difference ((2s + 4) bytes per element of the
-    [U, B, P, d] buffer), plus the activations of one forward + backward per gradient row
-    (per token ~ L * (12 d + 3 d_mlp + 2 H P) * s). EAP-IG stacks up to 64 rows of steps per
-    pass on a GPU (`stacked_steps`), one step at a time on the CPU."""
-    s = 4
-    U = 1 + cfg.n_layers * (cfg.n_heads + 1)
-    node = U * length * cfg.d_model * (2 * s + 4)
-    activations = length * cfg.n_layers * (12 * cfg.d_model + 3 * cfg.d_mlp + 2 * cfg.n_heads * length) * s
-    return node + stacked_steps * activations
+def markdown(payload: dict) -> str:
+    """The README's table from a results file (`--markdown`)."""
+    meta, args = payload["meta"], payload["meta"]["args"]
+    lines = [
+        f"{meta['device']}, torch {meta['torch']}, {args['length']}-token prompts, batch {args['batch']}, "
+        f"{meta['total_seconds'] / 60:.0f} min in all (load average at start {meta['load_average_at_start'][0]:.1f}).",
+        "",
+        "| model | method | examples | wall s | ratio to fwd+bwd | fwd-pass eq. | peak RSS MB | CUDA peak MB | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in payload["rows"]:
+        model = r["model"].replace("planted:", "planted ")
+        if r["status"] != "ok":
+            note = r["status"] + (f"; {r['note']}" if r.get("note") else "")
+            lines.append(f"| {model} | {r['method']} | {r['examples']} | - | - | - | - | - | {note} |")
+            continue
+        lines.append(
+            f"| {model} | {r['method']} | {r['examples']} | {_seconds(r['seconds'])} | {r['ratio']:.1f}x | {r['forward_passes']:.0f} | "
+            f"{r['peak_rss_mb']} | {r['cuda_peak_mb'] or '-'} | {r['note']} |"
+        )
+    return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------
+# Memory: measured peak RSS against the README's formulas (bench/memory_table.py)
+# ----------------------------------------------------------------------------------------
 def memory_check(args) -> list[dict]:
-    """Peak RSS of EAP and EAP-IG at two batch sizes (all examples in one batch): the slope per
-    example against `predicted_bytes_per_example`. A fixed glibc mmap threshold makes freed
-    large blocks go back to the OS, so peak RSS follows the live tensors (glibc's adaptive
-    threshold otherwise keeps freed blocks in the heap and inflates the peak)."""
-    from transformer_lens import HookedTransformerConfig
+    """Peak RSS of each memory-bound step at two sizes, in fresh processes: the slope per example
+    against `bench/memory_table.py`'s formulas (the README's table) on the GPT-2-small shape,
+    float32. EAP and EAP-IG (one step per pass, as on a CPU): all examples in one batch. The
+    engine's cached state and ACDC's state at the start of its search: batches of 4, and enough
+    examples for them to outgrow the forward + backward measured first in the same process. One
+    patched pass of exact patching (K = 32 single edges into layer 0) and one of the evaluation
+    (K = 8 circuits with ablated edges in every layer): all examples in one batch. A fixed
+    glibc mmap threshold makes freed large blocks go back to the OS, so peak RSS follows the live
+    tensors (glibc's adaptive threshold otherwise keeps freed blocks in the heap and inflates the peak)."""
+    import memory_table as mt
 
     from common import SHAPES
 
-    cfg = HookedTransformerConfig(**SHAPES["gpt2-small-shape"])
+    sh = mt.Shape.from_cfg("gpt2-small-shape", SHAPES["gpt2-small-shape"])
+    P, s = args.length, 4
+    predicted = {
+        "eap": mt.per_example(mt.eap, sh, P, s),
+        "eap_ig": mt.per_example(mt.eap_ig, sh, P, s, 1),
+        CACHE: mt.per_example(mt.engine_state, sh, P, s),
+        ACDC_START: mt.per_example(mt.engine_state, sh, P, s) + mt.per_example(mt.acdc_tables, sh, P, s),
+        PATCHED: mt.per_example(mt.patched_pass, sh, P, s, mt.EXACT_K, False),
+        PATCHED_CIRCUITS: mt.per_example(mt.patched_pass, sh, P, s, mt.EVALUATION_K, True),
+    }
+    counts = {"eap": args.memory_batches, "eap_ig": args.memory_batches, CACHE: args.memory_examples,
+              ACDC_START: args.memory_examples, PATCHED: args.memory_patched, PATCHED_CIRCUITS: args.memory_patched}
     rows = []
-    for method in ("eap", "eap_ig"):
-        peaks = {}
-        for batch in args.memory_batches:
-            row = {"model": "gpt2-small-shape", "layers": 0, "method": method, "examples": batch}
-            result = run_row(row, argparse.Namespace(**{**vars(args), "batch": batch}), {"MALLOC_MMAP_THRESHOLD_": "131072"})
+    for method in args.memory_methods or list(predicted):
+        peaks, baselines = {}, {}
+        for examples in counts[method]:
+            batch = 4 if method in (CACHE, ACDC_START) else examples
+            row = {"model": "gpt2-small-shape", "layers": 0, "method": method, "examples": examples}
+            result = run_row(row, argparse.Namespace(**{**vars(args), "batch": batch, "budget": 900}), {"MALLOC_MMAP_THRESHOLD_": "131072"})
             if result["status"] != "ok":
-                raise RuntimeError(f"{method} at batch {batch}: {result['status']}")
-            peaks[batch] = result["peak_rss_mb"]
+                raise RuntimeError(f"{method} with {examples} examples: {result['status']}")
+            peaks[examples] = result["peak_rss_mb"]
+            baselines[examples] = result["rss_after_baseline_mb"]
+            print(f"  {method}, {examples} examples (batch {batch}): peak RSS {peaks[examples]} MB "
+                  f"(after the forward + backward: {baselines[examples]} MB)", file=sys.stderr, flush=True)
         lo, hi = min(peaks), max(peaks)
         measured = (peaks[hi] - peaks[lo]) / (hi - lo)
-        predicted = predicted_bytes_per_example(cfg, args.length) / 2**20  # CPU: EAP-IG runs one step per pass
-        rows.append({"method": method, "peak_rss_mb": peaks, "measured_mb_per_example": measured, "predicted_mb_per_example": predicted})
+        rows.append({
+            "method": method, "peak_rss_mb": peaks, "rss_after_baseline_mb": baselines, "measured_mb_per_example": measured,
+            "predicted_mb_per_example": predicted[method] / 2**20,
+            # the slope only measures the step if its peak is above the forward + backward's at both sizes
+            "above_baseline": all(peaks[n] > baselines[n] for n in peaks),
+        })
     return rows
 
 
@@ -286,14 +353,23 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--methods", nargs="*", help="only these methods (and/or 'evaluation')")
     parser.add_argument("--models", nargs="+", default=["gpt2-small-shape", "planted:layernorm_mlp"], help="gpt2-small-shape, tiny, planted:NAME")
-    parser.add_argument("--budget", type=int, default=300, help="seconds one row may take before it is stopped")
+    parser.add_argument("--budget", type=int, default=150, help="seconds one row may take before it is stopped")
     parser.add_argument("--out", default="all", help="results file name under bench/results/")
-    parser.add_argument("--memory", action="store_true", help="check the README's memory formulas (peak RSS of EAP / EAP-IG)")
-    parser.add_argument("--memory-batches", nargs=2, type=int, default=[2, 8], metavar=("B1", "B2"))
+    parser.add_argument("--markdown", action="store_true", help="print the README table of bench/results/OUT.json (runs nothing)")
+    parser.add_argument("--memory", action="store_true", help="check the README's memory formulas (bench/memory_table.py) by peak RSS")
+    parser.add_argument("--memory-batches", nargs=2, type=int, default=[2, 8], metavar=("N1", "N2"), help="--memory: batch sizes for EAP and EAP-IG")
+    parser.add_argument("--memory-examples", nargs=2, type=int, default=[16, 48], metavar=("N1", "N2"), help="--memory: examples the engine and ACDC cache")
+    parser.add_argument("--memory-patched", nargs=2, type=int, default=[2, 8], metavar=("N1", "N2"), help="--memory: batch sizes for the patched passes")
+    parser.add_argument("--memory-methods", nargs="*", help=f"--memory: only these of eap, eap_ig, {CACHE}, {ACDC_START}, {PATCHED}, {PATCHED_CIRCUITS}")
     args = parser.parse_args()
     if args.inner:
         model, layers, method, examples, length, batch = args.inner
         print(json.dumps(inner(model, int(layers), method, int(examples), int(length), int(batch))))
+        return
+    if args.markdown:
+        from common import RESULTS
+
+        print(markdown(json.loads((RESULTS / f"{args.out}.json").read_text())))
         return
     if args.memory:
         rows = memory_check(args)
@@ -302,7 +378,8 @@ def main() -> None:
                 f"{r['method']}: peak RSS {r['peak_rss_mb']} MB; per example measured {r['measured_mb_per_example']:.1f} MB, "
                 f"predicted {r['predicted_mb_per_example']:.1f} MB ({args.length} tokens, GPT-2-small shape, float32)"
             )
-        print(f"wrote {write_results('memory', {'rows': rows, 'length': args.length})}")
+        command = "python bench/run_all.py " + " ".join(sys.argv[1:])
+        print(f"wrote {write_results('memory', {'rows': rows, 'length': args.length, 'command': command})}")
         return
     import torch
 

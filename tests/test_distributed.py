@@ -74,14 +74,16 @@ out["exact_mean"] = exact.discover(ctx, ExactSettings(batch_size=4)).scores.toli
 _, ctx = planted_context("layernorm_mlp", metric="kl", n_pairs=9)
 found = acdc.discover(ctx, AcdcSettings(tau=0.05, batch_size=4, evaluator="layerwise"))
 out["acdc"] = [found.scores.tolist(), found.membership.tolist()]
+found = acdc.discover(ctx, AcdcSettings(tau=0.05, batch_size=4, evaluator="incremental"))
+out["acdc_incremental"] = [found.scores.tolist(), found.membership.tolist()]
 Path(sys.argv[1], f"rank{distributed.rank()}.json").write_text(json.dumps(out))
 '''
 
 
 def test_ranks_agree_with_one_process_for_eap_exact_and_acdc(tmp_path):
     """Mean ablation (its means are all-reduced too), uneven shards, and ACDC's sequential
-    decisions, which must be the same on every rank (its layerwise evaluator all-reduces the
-    engine's metric totals; the incremental one sums over every example on every rank)."""
+    decisions, which must be the same on every rank (both evaluators all-reduce their metric
+    totals over the ranks' shards)."""
     from helpers import planted_context
 
     from circuitctl.config.methods import AcdcSettings, EapSettings, ExactSettings
@@ -104,9 +106,10 @@ def test_ranks_agree_with_one_process_for_eap_exact_and_acdc(tmp_path):
         for key in ("eap_mean", "exact_mean"):
             assert torch.allclose(torch.tensor(r[key]), expected[key], atol=1e-5), (r["rank"], key)
             assert float(expected[key].abs().max()) > 0.1
-        scores, membership = r["acdc"]
-        assert torch.equal(torch.tensor(membership), found.membership), r["rank"]
-        assert torch.allclose(torch.tensor(scores), found.scores, atol=1e-5), r["rank"]
+        for key in ("acdc", "acdc_incremental"):
+            scores, membership = r[key]
+            assert torch.equal(torch.tensor(membership), found.membership), (r["rank"], key)
+            assert torch.allclose(torch.tensor(scores), found.scores, atol=1e-5), (r["rank"], key)
     assert 0 < int(found.membership.sum()) < int(ctx.graph.n_edges)
 
 

@@ -28,12 +28,28 @@ class ModelConfig(Section):
     path: Optional[str] = Field(None, description="a local checkpoint directory (config.json + model.safetensors)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    n_devices: int = Field(
+        1, ge=1, description="GPUs to split the model's layers over (TransformerLens n_devices); only 1 is supported yet"
+    )
 
     @model_validator(mode="after")
     def _one_source(self):
         if (self.name is None) == (self.path is None):
             raise ValueError("give exactly one of model.name (pretrained) or model.path (local checkpoint)")
         return self
+
+    @field_validator("n_devices")
+    @classmethod
+    def _one_device(cls, value: int) -> int:
+        # circuitctl.models.adapter runs the blocks itself and stacks every node's output into one
+        # tensor, so a model whose layers TransformerLens spread over several GPUs cannot run yet
+        if value > 1:
+            raise ValueError(
+                f"{value}: splitting one model's layers over several GPUs (TransformerLens n_devices) is not "
+                "supported yet; use model.dtype: bfloat16 and max_batch_size on one GPU (README: Scale), or "
+                "torchrun to split the examples over GPUs"
+            )
+        return value
 
     @field_validator("device")
     @classmethod
@@ -89,7 +105,11 @@ class RunConfig(Section):
     task: TaskConfig
     method: MethodSettings
     ablation: AblationConfig = AblationConfig()
-    metric: str = Field("logit_diff", description="a built-in metric (logit_diff, prob_diff, kl) or a plugin metric")
+    metric: str = Field(
+        "logit_diff",
+        description="a built-in metric (logit_diff, prob_diff, kl) or a plugin metric; "
+        "omitted: the task's metric (task.yaml `metric:`), else logit_diff",
+    )
     selection: SelectionConfig = SelectionConfig()
     output: OutputConfig = OutputConfig()
     seed: int = 0

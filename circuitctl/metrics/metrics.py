@@ -55,9 +55,27 @@ def prob_diff(logits, batch, reference=None):
     return _sum_gather(probs, batch.answers) - _sum_gather(probs, batch.wrong)
 
 
+_reference_cache: list = [None, -1, None, None]  # [reference tensor, its version, log-probs, probs]
+
+
+def _reference_distribution(reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs and probs of the reference logits. Searches (ACDC) compare thousands of trials
+    with the same reference tensor, and a vocabulary-wide log_softmax + exp per call would be a
+    quarter of a trial's cost, so the last reference's are kept. The cache holds the tensor
+    itself (its memory cannot be reused by another) and its in-place version counter."""
+    cached, version, logp, p = _reference_cache
+    if cached is not reference or version != reference._version:
+        logp = reference.float().log_softmax(-1)
+        p = logp.exp()
+        _reference_cache[:] = [reference, reference._version, logp, p]
+    return logp, p
+
+
 def kl_divergence(logits, batch, reference):
-    ref_logp = reference.float().log_softmax(-1)
-    return (ref_logp.exp() * (ref_logp - logits.log_softmax(-1))).sum(-1)
+    # elementwise log-prob differences: exact to rounding for close distributions (the
+    # shortcut sum p*logp - p.logits + logsumexp cancels large terms and loses ~1e-3)
+    ref_logp, ref_p = _reference_distribution(reference)
+    return (ref_p * (ref_logp - logits.log_softmax(-1))).sum(-1)
 
 
 for _metric in (

@@ -51,12 +51,13 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_model(name: str | None, path: Path | None, device: str = "auto", dtype: str = "float32"):
+def load_model(name: str | None, path: Path | None, device: str = "auto", dtype: str = "float32", n_devices: int = 1):
     """Load a HookedTransformer from a pretrained name or a local checkpoint directory.
 
     A local checkpoint directory holds ``config.json`` (HookedTransformerConfig fields),
     ``model.safetensors`` (the state dict) and optionally ``tokenizer.json``; it loads with
-    no network access.
+    no network access. `n_devices` is TransformerLens's layer split over GPUs (config
+    ``model.n_devices``); only 1 is supported (`check_n_devices`).
     """
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import warnings
@@ -64,13 +65,14 @@ def load_model(name: str | None, path: Path | None, device: str = "auto", dtype:
     warnings.filterwarnings("ignore", message=".*HookedTransformer is deprecated.*")
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+    check_n_devices(n_devices)  # before anything is loaded
     device = resolve_device(device)
     torch_dtype = _DTYPES[dtype]
     if path is not None:
-        return _load_local(Path(path), device, torch_dtype, HookedTransformer, HookedTransformerConfig)
+        return _load_local(Path(path), device, torch_dtype, HookedTransformer, HookedTransformerConfig, n_devices)
     assert name is not None
     try:
-        model = HookedTransformer.from_pretrained(name, device=device, dtype=torch_dtype)
+        model = HookedTransformer.from_pretrained(name, device=device, dtype=torch_dtype, n_devices=n_devices)
     except Exception as exc:  # TL and the hub raise many types; all mean "cannot load this"
         text = str(exc)
         if "not found" in text.lower() and "official" in text.lower():
@@ -89,7 +91,19 @@ def load_model(name: str | None, path: Path | None, device: str = "auto", dtype:
     return model
 
 
-def _load_local(path: Path, device, torch_dtype, HookedTransformer, HookedTransformerConfig):
+def check_n_devices(n_devices: int) -> None:
+    """Refuse a model split over several devices: `ModelAdapter` runs the blocks itself (no
+    transfer of the residual stream between devices) and stacks every node's output into one
+    tensor, so TransformerLens's n_devices > 1 would fail in the first cross-device block."""
+    if n_devices > 1:
+        raise UsageError(
+            f"model.n_devices is {n_devices}: splitting one model's layers over several GPUs (TransformerLens "
+            "n_devices) is not supported yet; use model.dtype: bfloat16 and max_batch_size on one GPU, or "
+            "torchrun to split the examples over GPUs"
+        )
+
+
+def _load_local(path: Path, device, torch_dtype, HookedTransformer, HookedTransformerConfig, n_devices: int = 1):
     from circuitctl.models.sources import check_local_checkpoint
 
     config_file, weights_file = check_local_checkpoint(path)
@@ -99,7 +113,7 @@ def _load_local(path: Path, device, torch_dtype, HookedTransformer, HookedTransf
         raise UsageError(f"{config_file}: not valid JSON (line {exc.lineno}: {exc.msg})") from exc
     if not isinstance(fields, dict):
         raise UsageError(f"{config_file}: must be a JSON object of HookedTransformerConfig fields")
-    fields = {**fields, "device": device, "dtype": torch_dtype}
+    fields = {**fields, "device": device, "dtype": torch_dtype, "n_devices": n_devices}
     try:
         cfg = HookedTransformerConfig(**fields)
     except (TypeError, ValueError, AssertionError) as exc:
@@ -185,6 +199,7 @@ class ModelAdapter:
         from transformer_lens.components.transformer_block import POST_NORM_ARCHITECTURES
 
         cfg = model.cfg
+        check_n_devices(getattr(cfg, "n_devices", 1))
         if cfg.positional_embedding_type == "shortformer":
             raise UsageError("shortformer positional embeddings are not supported")
         if cfg.original_architecture in POST_NORM_ARCHITECTURES or cfg.use_normalization_before_and_after:
@@ -315,6 +330,7 @@ class ModelAdapter:
         ablation_outputs: torch.Tensor,
         ablated: torch.Tensor,
         positions: torch.Tensor,
+        from_layer: int | None = None,
     ) -> torch.Tensor:
         """Logits at the answer positions with the given edges ablated, for K circuits at once.
 
@@ -322,6 +338,8 @@ class ModelAdapter:
                           layer are reused, so only the layers at and after it are run).
         ablation_outputs: [n_upstream, B, P, d] what an ablated edge carries instead.
         ablated:          bool [K, n_upstream, n_downstream]; True = the edge is ablated.
+        from_layer:       run from this layer even if no ablation touches it (0: a whole
+                          forward, as a plain implementation would; used by the ACDC benchmark).
         Returns [K, B, vocab].
         """
         g, L, H = self.graph, self.cfg.n_layers, self.cfg.n_heads
@@ -330,6 +348,8 @@ class ModelAdapter:
         ablated = ablated & g.edge_mask.to(ablated.device)
         touched_inputs = ablated.any(dim=(0, 1)).nonzero().flatten().tolist()
         start = min((g.downstream_layer[v] for v in touched_inputs), default=L)
+        if from_layer is not None:
+            start = min(start, from_layer)
         n_static = g.head_out_start[start] if start < L else g.n_upstream
         weights = ablated.to(self.dtype)
         static_diff = clean.outputs[:n_static] - ablation_outputs[:n_static]
