@@ -14,13 +14,13 @@ import pytest
 import torch
 from conftest import random_model, random_tokens
 
-from circuitctl.config.methods import EapSettings, ExactSettings
+from circuitctl.config.methods import EapIgSettings, EapSettings, ExactSettings
 from circuitctl.config.schema import AblationConfig
 from circuitctl.graph import naming
 from circuitctl.graph.graph import Graph, GraphSpec
 from circuitctl.graph.selection import nodes_in, prune
 from circuitctl.io.graphviz import to_dot
-from circuitctl.methods import eap, exact
+from circuitctl.methods import eap, eap_ig, exact
 from circuitctl.methods.base import DiscoveryContext
 from circuitctl.metrics.metrics import METRICS
 from circuitctl.models.adapter import ModelAdapter
@@ -211,6 +211,20 @@ def test_eap_scores_are_the_ungrouped_scores_summed_over_each_group(kind):
     expected = _group_sums(g_ctx.graph, p_ctx.graph, theirs)
     assert torch.allclose(ours, expected, atol=1e-5), (ours - expected).abs().max()
     assert float(ours.abs().max()) > 1e-2  # not trivially zero
+
+
+@pytest.mark.parametrize("variant", ["inputs", "activations"])
+@pytest.mark.parametrize("kind", sorted(SHAPES))
+def test_eap_ig_scores_are_the_ungrouped_scores_summed_over_each_group(kind, variant):
+    """k/v gradients are projected with the shared KV weights (one per group), not per head."""
+    grouped, plain = models(kind)
+    g_ctx, p_ctx = context(grouped), context(plain)
+    settings = EapIgSettings(steps=3, variant=variant, batch_size=3)
+    ours = eap_ig.discover(g_ctx, settings).scores
+    theirs = eap_ig.discover(p_ctx, settings).scores
+    expected = _group_sums(g_ctx.graph, p_ctx.graph, theirs)
+    assert torch.allclose(ours, expected, atol=1e-5), (ours - expected).abs().max()
+    assert float(ours.abs().max()) > 1e-2
 
 
 def test_exact_scores_match_the_ungrouped_copy_with_the_whole_group_ablated():

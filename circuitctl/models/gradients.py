@@ -155,10 +155,10 @@ def gradient_pass(
                 post_grads[i] = grad_or_zeros(name, acts[name]).detach()
 
     def to_residual_basis(layer: int, per_channel: list[torch.Tensor], channels: str) -> torch.Tensor:
-        """[B, P, H, d_head] gradients at hook_q/k/v -> [n*H, B, P, d] at the residual stream."""
-        attn = model.blocks[layer].attn
+        """[B, P, n, d_head] gradients at hook_q/k/v -> [sum of n, B, P, d] at the residual stream
+        (n = n_heads for q; for k / v of grouped-query attention, n_kv_heads and the shared weights)."""
         cot = torch.cat(
-            [torch.einsum("bphe,hde->hbpd", gr, getattr(attn, f"W_{c.upper()}")) for gr, c in zip(per_channel, channels)]
+            [torch.einsum("bphe,hde->hbpd", gr, adapter._projection(layer, c)[0]) for gr, c in zip(per_channel, channels)]
         )
         # LayerNorm's backward is linear in the incoming gradient given the forward statistics:
         # one vectorised vjp covers every head and channel.
@@ -174,7 +174,7 @@ def gradient_pass(
             gk, gv = torch.autograd.grad(z, [k, v], grad_outputs=gz * rows, retain_graph=True, allow_unused=True)
             gk = torch.zeros_like(k) if gk is None else gk
             gv = torch.zeros_like(v) if gv is None else gv
-            yield to_residual_basis(layer, [gk, gv], "kv")  # [2H, B, P, d]
+            yield to_residual_basis(layer, [gk, gv], "kv")  # [2 x KV heads, B, P, d]
 
     def per_layer() -> Iterator[LayerGradients]:
         for i in range(start_layer, L):
