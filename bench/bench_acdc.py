@@ -205,7 +205,7 @@ def main() -> None:
         )
     Console(width=200).print(table)
     settings = {"layers": args.layers, "batch": args.batch, "length": args.length, "threads": args.threads}
-    print(f"wrote {write_results('acdc', {'settings': settings, 'rows': rows})}")
+    print(f"wrote {write_results(f'acdc-{args.layers}layers', {'settings': settings, 'rows': rows})}")
 
 
 if __name__ == "__main__":

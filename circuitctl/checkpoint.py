@@ -5,16 +5,23 @@ commit point: it is written last, atomically, and names the tensor file it goes 
 interruption at any moment leaves either the previous checkpoint or the new one, never a
 mix. The run's config hash (`circuitctl.config.load.config_hash`: every section but `output`) is
 recorded so that resuming with a different config is refused instead of silently mixing two runs.
+
+`Autosave` writes a method's latest consistent progress every few seconds and on Ctrl-C, and
+`hold_interrupts` delays a Ctrl-C until an in-place update (an optimizer step) is complete.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
-from circuitctl.errors import UsageError
+from circuitctl.errors import InterruptedRun, UsageError
 from circuitctl.io.files import write_atomic, write_json
 
 CHECKPOINT_DIR = "checkpoint"
@@ -98,3 +105,63 @@ class Checkpoint:
             return json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise UsageError(f"{path}: unreadable checkpoint ({exc}); delete the checkpoint folder to start over") from exc
+
+
+class Autosave:
+    """Writes a method's progress to its checkpoint every `every` seconds (`maybe_save`, called
+    between units of work) and on demand (`save`, e.g. on Ctrl-C). `snapshot()` returns
+    (state, tensors) of the latest *consistent* progress, so a Ctrl-C at any moment finds one to
+    save: the method replaces its progress object whole rather than changing it in place, or
+    applies an in-place update inside `hold_interrupts`. Without a checkpoint nothing is written."""
+
+    def __init__(self, checkpoint: Checkpoint | None, method: str, every: float, snapshot: Callable[[], tuple[dict, dict]]) -> None:
+        self.checkpoint = checkpoint
+        self.method = method
+        self.every = every
+        self.snapshot = snapshot
+        self.last = time.monotonic()
+
+    def load(self, resume: bool) -> tuple[dict[str, Any], dict] | None:
+        """The saved (state, tensors) when resuming from an existing checkpoint, else None."""
+        if not resume or self.checkpoint is None:
+            return None
+        return self.checkpoint.load(self.method)
+
+    def save(self) -> None:
+        if self.checkpoint is None:
+            return
+        state, tensors = self.snapshot()
+        self.checkpoint.save(self.method, state, tensors)
+        self.last = time.monotonic()
+
+    def maybe_save(self) -> None:
+        if self.checkpoint is not None and time.monotonic() - self.last >= self.every:
+            self.save()
+
+    def interrupted(self, what: str, command: str = "circuitctl discover CONFIG") -> InterruptedRun:
+        """Save now, and the error that tells the user how to resume (only with a checkpoint)."""
+        if self.checkpoint is None:
+            raise ValueError("no checkpoint to resume from")
+        self.save()
+        return InterruptedRun(
+            f"{what} stopped; its progress is saved in {self.checkpoint.dir}. "
+            f"Resume with: {command} --resume {self.checkpoint.dir.parent}"
+        )
+
+
+@contextmanager
+def hold_interrupts() -> Iterator[None]:
+    """Delay a Ctrl-C (SIGINT) that arrives inside the block to its end, so that an in-place
+    update in the block is applied whole or not at all. Only in the main thread and when
+    Ctrl-C raises KeyboardInterrupt as usual; otherwise a no-op."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt

@@ -165,7 +165,9 @@ def _discover_into(
         from circuitctl.unit_circuits import finish_discovery
 
         write_atomic(run_dir / "config.yaml", yaml.safe_dump(config.to_plain(), sort_keys=False))
-        return finish_discovery(run_dir, config, session, result, timings, started)
+        summary = finish_discovery(run_dir, config, session, result, timings, started)
+        checkpoint.clear()  # the run is complete: nothing to resume
+        return summary
     check_result(result, graph, config.method.name)
     if result.sweep:  # one circuit per sweep point, each in its own subdirectory
         summary = write_sweep(run_dir, config, session, context, result, timings, started)

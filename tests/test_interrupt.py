@@ -1,5 +1,6 @@
 """Interruptions: a run killed part-way (SIGINT, SIGKILL) resumes to the same result as an
-uninterrupted run, and a killed writer never leaves a half-written circuit.json."""
+uninterrupted run (ACDC, path patching, EAP-IG, SAE training), and a killed writer never leaves
+a half-written circuit.json. In-process variants of the resume tests: tests/test_resume_methods.py."""
 
 from __future__ import annotations
 
@@ -13,6 +14,19 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread here and in the subprocesses (`interrupt`): the models are tiny, the
+    machine may be shared, and a float32 matrix product may round differently with another
+    number of threads, so a resumed run is only bit-identical on the same thread count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 # ------------------------------------------------------------------------------------------
 # Atomic writes
@@ -121,8 +135,33 @@ def checkpoint_generation(state: Path) -> int:
         return 0
 
 
+def interrupt(args: list[str], out: Path, generations: int, how: signal.Signals) -> dict:
+    """Run `circuitctl ARGS` in a subprocess and send it `how` once it has saved its checkpoint
+    in `out` `generations` times; returns the checkpoint's record (whole, even after SIGKILL)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # as `one_thread`
+    process = subprocess.Popen(
+        [sys.executable, "-m", "circuitctl", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    state = out / "checkpoint" / "state.json"
+    deadline = time.monotonic() + 240
+    while checkpoint_generation(state) < generations and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, "the run finished before it could be interrupted: make it longer"
+    process.send_signal(how)
+    _, err = process.communicate(timeout=120)
+    if how == signal.SIGINT:
+        assert process.returncode == 130, err
+        assert "--resume" in err and "Traceback" not in err
+    else:
+        assert process.returncode == -signal.SIGKILL
+    return json.loads(state.read_text())
+
+
+SIGNALS = pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+
+
 @needs_resume
-@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+@SIGNALS
 def test_interrupted_acdc_resumes_to_the_same_circuit(acdc_world, how, tmp_path, capsys):
     config = str(acdc_world / "acdc.yaml")
     reference = acdc_world / "reference"
@@ -131,30 +170,166 @@ def test_interrupted_acdc_resumes_to_the_same_circuit(acdc_world, how, tmp_path,
         assert code == 0, err
 
     run = tmp_path / "run"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "circuitctl", "discover", config, f"output.dir={run}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )
     # ACDC saves after every step (about 55 in this run): interrupt after 15 of them
-    state = run / "checkpoint" / "state.json"
-    deadline = time.monotonic() + 240
-    while checkpoint_generation(state) < 15 and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert process.poll() is None, "the run finished before it could be interrupted: make it longer"
-    process.send_signal(how)
-    _, err = process.communicate(timeout=120)
-
-    if how == signal.SIGINT:
-        assert process.returncode == 130, err
-        assert "--resume" in err and "Traceback" not in err
-    else:
-        assert process.returncode == -signal.SIGKILL
+    saved = interrupt(["discover", config, f"output.dir={run}"], run, 15, how)
     assert not (run / "circuit.json").exists()  # no result from an unfinished run
-    saved = json.loads(state.read_text())  # the checkpoint is whole, even after SIGKILL
     assert saved["method"] == "acdc"
 
     code, err = cli(["discover", config, f"output.dir={run}", "--resume", str(run)], capsys)
     assert code == 0, err
     assert comparable(run) == comparable(reference)  # edges, scores, membership, metrics, counts
     assert not (run / "checkpoint").exists()  # a finished run leaves nothing to resume
+
+
+# ------------------------------------------------------------------------------------------
+# Path patching and EAP-IG: interrupt, resume, compare, and count the work of the resumed run
+# ------------------------------------------------------------------------------------------
+RESUMABLE = {
+    # path patching saves after each of its 54 receivers (one batched evaluation each)
+    "path_patching": {"name": "path_patching", "threshold": 0.1, "senders_per_pass": 8, "checkpoint_every_seconds": 0.0},
+    # EAP-IG saves after each of its 8 batches (one example, 20 gradient passes each)
+    "eap_ig": {"name": "eap_ig", "steps": 20, "batch_size": 1, "checkpoint_every_seconds": 0.0},
+}
+
+
+def count_work(monkeypatch, method: str) -> list:
+    """Record the units of work of in-process runs: path patching's receiver evaluations, EAP-IG's gradient passes."""
+    calls: list = []
+    if method == "path_patching":
+        from circuitctl.methods import path_patching as pp
+
+        original = pp.batched_evaluator
+
+        def batched_evaluator(*args, **kwargs):
+            evaluate, clean_value, changed = original(*args, **kwargs)
+            return (lambda *a: (calls.append(a), evaluate(*a))[1]), clean_value, changed
+
+        monkeypatch.setattr(pp, "batched_evaluator", batched_evaluator)
+    else:
+        from circuitctl.methods import eap_ig
+
+        gradient_pass = eap_ig.gradient_pass
+        monkeypatch.setattr(eap_ig, "gradient_pass", lambda *a, **k: (calls.append(a), gradient_pass(*a, **k))[1])
+    return calls
+
+
+def work_left(method: str, reference: dict, saved: dict) -> int:
+    """The units of work a resume from `saved` must still do: receivers, or batches x steps."""
+    if method == "path_patching":
+        total, done, per_unit = reference["results"]["path_patching"]["receivers_expanded"], saved["state"]["receivers_done"], 1
+    else:
+        total, done, per_unit = reference["task"]["n_pairs"], saved["state"]["examples_done"], RESUMABLE["eap_ig"]["steps"]
+    assert 0 < done < total, "interrupt part-way"
+    return (total - done) * per_unit
+
+
+@needs_resume
+@SIGNALS
+@pytest.mark.parametrize("method", sorted(RESUMABLE))
+def test_interrupted_method_resumes_to_the_same_circuit(acdc_world, method, how, tmp_path, capsys, monkeypatch):
+    config = acdc_world / f"{method}.yaml"
+    reference = acdc_world / f"{method}-reference"
+    if not config.exists():
+        record = yaml.safe_load((acdc_world / "acdc.yaml").read_text())
+        record.update(method=RESUMABLE[method], metric="logit_diff", output={"dir": str(reference)})
+        config.write_text(yaml.safe_dump(record, sort_keys=False))
+    if not (reference / "circuit.json").exists():
+        code, err = cli(["discover", str(config)], capsys)
+        assert code == 0, err
+
+    run = tmp_path / "run"
+    saved = interrupt(["discover", str(config), f"output.dir={run}"], run, 10 if method == "path_patching" else 2, how)
+    assert saved["method"] == method and not (run / "circuit.json").exists()
+
+    calls = count_work(monkeypatch, method)
+    code, err = cli(["discover", str(config), f"output.dir={run}", "--resume", str(run)], capsys)
+    assert code == 0, err
+    expected = comparable(reference)
+    assert len(calls) == work_left(method, expected, saved)  # the finished work was not done again
+    assert comparable(run) == expected  # edges, scores, membership, metrics, counts
+    if method == "path_patching":
+        assert (run / "circuit.positions.json").read_text() == (reference / "circuit.positions.json").read_text()
+    assert not (run / "checkpoint").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# SAE training: interrupt, resume with train-sae --resume, compare the weights
+# ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sae_world(tmp_path_factory) -> Path:
+    """The planted MLP-neuron model and its task's prompts: 2000 steps of two small SAEs take
+    about 2 s on a CPU, with a checkpoint every 0.2 s."""
+    from circuitctl.models.planted import build, export
+
+    root = tmp_path_factory.mktemp("sae")
+    export(build("mlp_neurons"), root / "model", root / "task")
+    config = {
+        "model": {"path": str(root / "model"), "device": "cpu"},
+        "sites": ["attn0", "mlp0"],
+        "d_sae": 32,
+        "l1": 0.5,
+        "steps": 2000,
+        "batch_size": 64,
+        "lr": 0.003,
+        "tokens": {"type": "task", "path": str(root / "task")},
+        "output": {"dir": str(root / "reference")},
+        "checkpoint_every_seconds": 0.2,
+    }
+    (root / "train.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return root
+
+
+def trained(out: Path) -> dict:
+    """The SAE files (bytes) and metrics.json without what may differ between identical trainings."""
+    files = {f"{site}/{name}": (out / site / name).read_bytes() for site in ("attn0", "mlp0") for name in ("cfg.json", "sae_weights.safetensors")}
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("created", "seconds", "config"):
+        metrics.pop(key)
+    for entry in metrics["saes"]:
+        entry.pop("seconds")
+    return {"files": files, "metrics": metrics}
+
+
+@SIGNALS
+def test_interrupted_sae_training_resumes_to_the_same_weights(sae_world, how, tmp_path, capsys, monkeypatch):
+    config = str(sae_world / "train.yaml")
+    reference = sae_world / "reference"
+    if not (reference / "metrics.json").exists():
+        code, err = cli(["train-sae", config], capsys)
+        assert code == 0, err
+
+    out = tmp_path / "saes"
+    saved = interrupt(["train-sae", config, f"output.dir={out}"], out, 2, how)
+    assert saved["method"] == "train_sae" and 0 < saved["state"]["step"] < 2000
+    assert not (out / "metrics.json").exists()
+
+    from contextlib import contextmanager
+
+    import circuitctl.sae.train as train
+
+    advanced: list[int] = []
+
+    @contextmanager
+    def recording_bar(description, total):
+        yield lambda n=1: advanced.append(n)
+
+    monkeypatch.setattr(train, "bar", recording_bar)
+    code, err = cli(["train-sae", config, f"output.dir={out}", "--resume", str(out)], capsys)
+    assert code == 0, err
+    step = saved["state"]["step"]
+    assert advanced == [step] + [1] * (2000 - step)  # continued after the saved steps
+    assert trained(out) == trained(reference)  # the same weights, bit for bit on the CPU
+    assert not (out / "checkpoint").exists()
+
+
+def test_finished_unit_circuit_run_leaves_no_checkpoint(acdc_world, tmp_path, capsys):
+    """Node / neuron / per-position circuits are written by their own path: it must clear the
+    checkpoint too, or a later --resume would redo a finished run."""
+    record = yaml.safe_load((acdc_world / "acdc.yaml").read_text())
+    record.update(method={**RESUMABLE["eap_ig"], "steps": 2, "granularity": "node"}, metric="logit_diff", output={"dir": str(tmp_path / "run")})
+    config = tmp_path / "node.yaml"
+    config.write_text(yaml.safe_dump(record, sort_keys=False))
+    code, err = cli(["discover", str(config)], capsys)
+    assert code == 0, err
+    assert (tmp_path / "run" / "circuit.json").exists()
+    assert not (tmp_path / "run" / "checkpoint").exists()

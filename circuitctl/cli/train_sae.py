@@ -19,6 +19,7 @@ def train_sae(
     config: Path = typer.Argument(..., help="train-sae config (YAML)"),
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. steps=2000 output.dir=saes/x"),
     force: bool = typer.Option(False, "--force", help="replace the files of a non-empty output directory"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue an interrupted training from its checkpoint in DIR"),
 ) -> None:
     """Train SAEs (ReLU + L1, or TopK) on a model's activations; write them in sae-lens's format."""
     from circuitctl.sae.config import load_train_config
@@ -26,7 +27,7 @@ def train_sae(
     train_config = load_train_config(config, overrides or [])
     from circuitctl.sae.training_run import train_from_config
 
-    summary = train_from_config(train_config, config.parent, force=force)
+    summary = train_from_config(train_config, config.parent, force=force, resume=resume)
     table = Table(title=f"SAEs trained on {summary.token_origin}")
     for column in ("site", "d_sae", "expl. var.", "L0", "dead", "loss rec.", "CE clean/SAE/zero"):
         table.add_column(column, justify="left" if column == "site" else "right")

@@ -53,6 +53,9 @@ class EapIgSettings(MethodSettings):
     steps_per_pass: Optional[int] = Field(
         None, ge=1, description="interpolation steps stacked into one forward/backward (default: 1 on CPU, up to 64 rows on GPU)"
     )
+    checkpoint_every_seconds: float = Field(
+        30.0, ge=0, description="save the score sums of finished batches to RUN_DIR/checkpoint this often"
+    )
 
 
 class PathPatchingSettings(MethodSettings):
@@ -69,6 +72,7 @@ class PathPatchingSettings(MethodSettings):
     )
     top_k: Optional[int] = Field(None, ge=1, description="also keep each receiver's top_k senders by |effect|, below the threshold")
     senders_per_pass: int = Field(32, ge=1, description="paths patched together in one batched forward pass")
+    checkpoint_every_seconds: float = Field(30.0, ge=0, description="save resumable progress to RUN_DIR/checkpoint this often")
 
 
 

@@ -33,30 +33,33 @@ def attribution_scores(context: DiscoveryContext, batch_size: int, gradient_runs
     sizer = BatchSizer(batch_size, "attribution scoring")
     scores = torch.zeros(graph.n_upstream, graph.n_downstream, dtype=torch.float32, device=context.adapter.device)
 
-    def batch_scores(batch) -> torch.Tensor:
-        # a fresh [U, V] per batch: a batch that runs out of memory leaves `scores` untouched
-        batch = batch.to(context.adapter.device)
-        ablation = engine.ablation_outputs(batch)
-        block_scores = torch.zeros_like(scores)
-        for weight, clean_outputs, per_layer in gradient_runs(batch, ablation):
-            # one float32 buffer [U, B*P*d] (no intermediate in the model's dtype)
-            flat_delta = clean_outputs.to(torch.float32, copy=True).neg_().add_(ablation).flatten(1)
-            for inputs, grads in per_layer:
-                # the inputs of one layer read prefixes of nearly equal length: use the longest
-                # and mask the few non-edges (a head's own layer) afterwards
-                n_up = max(graph.prefix_len[v] for v in inputs)
-                block = flat_delta[:n_up] @ grads.float().flatten(1).T  # [n_up, V_layer]
-                block_scores[:n_up, inputs.start : inputs.stop] += weight * block
-            del flat_delta
-        return block_scores
-
     local = distributed.shard(context.data)  # this rank's examples (all of them in one process)
     with bar(f"attribution ({context.metric.name})", -(-local.n // batch_size)) as advance:
-        for block_scores in sizer.map(local, batch_scores):
+        for block_scores in sizer.map(local, lambda batch: attribution_block(context, engine, gradient_runs, batch)):
             scores += block_scores
             advance()
     scores = distributed.all_reduce_sum(scores).cpu() * graph.edge_mask
     return context.metric.importance_sign * scores / context.data.n
+
+
+def attribution_block(context: DiscoveryContext, engine, gradient_runs, batch) -> torch.Tensor:
+    """One batch's sum over its gradient runs of weight x (ablation - clean) . gradient, as a
+    fresh float32 [U, V] (a batch that runs out of memory leaves the running sums untouched)."""
+    graph = context.graph
+    batch = batch.to(context.adapter.device)
+    ablation = engine.ablation_outputs(batch)
+    block_scores = torch.zeros(graph.n_upstream, graph.n_downstream, dtype=torch.float32, device=context.adapter.device)
+    for weight, clean_outputs, per_layer in gradient_runs(batch, ablation):
+        # one float32 buffer [U, B*P*d] (no intermediate in the model's dtype)
+        flat_delta = clean_outputs.to(torch.float32, copy=True).neg_().add_(ablation).flatten(1)
+        for inputs, grads in per_layer:
+            # the inputs of one layer read prefixes of nearly equal length: use the longest
+            # and mask the few non-edges (a head's own layer) afterwards
+            n_up = max(graph.prefix_len[v] for v in inputs)
+            block = flat_delta[:n_up] @ grads.float().flatten(1).T  # [n_up, V_layer]
+            block_scores[:n_up, inputs.start : inputs.stop] += weight * block
+        del flat_delta
+    return block_scores
 
 
 def clean_gradient_run(context: DiscoveryContext):

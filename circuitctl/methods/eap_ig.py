@@ -25,21 +25,36 @@ Cost: the ablation and clean forwards plus m forward+backward passes per batch (
 about m forward+backward passes per layer component from its layer on (activations). Steps are
 stacked along the batch dimension; delta is contracted once with the step-summed gradients, so
 memory stays at the [U, B, P, d] delta buffer plus one layer's input gradients.
+
+Batches: each batch's scores are computed into a fresh block and then added to the sums, in
+order (a batch that runs out of accelerator memory is retried in halves; under torchrun each
+rank sums its share of the examples and the sums are all-reduced). The sums of the finished
+batches are saved every `checkpoint_every_seconds` and on Ctrl-C, and ``circuitctl discover
+CONFIG --resume RUN_DIR`` continues with the next batch: the same additions in the same order,
+so the same scores, bit for bit, as an uninterrupted run.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace as dc_replace
+from typing import Callable
 
 import torch
 
+from circuitctl import distributed
+from circuitctl.batching import BatchSizer
+from circuitctl.checkpoint import Autosave
 from circuitctl.config.methods import EapIgSettings
 from circuitctl.errors import UsageError
+from circuitctl.methods import eap
 from circuitctl.methods.base import DiscoveryContext, DiscoveryResult
-from circuitctl.methods.eap import attribution_scores
 from circuitctl.models.gradients import GradientPass, Replacement, gradient_pass
+from circuitctl.patching.engine import BatchState, PatchingEngine, check_finite
 from circuitctl.patching.units import NeuronAblation
 from circuitctl.progress import bar
+from circuitctl.tasks.data import TaskData
+
+METHOD = "eap_ig"
 
 # Default cap on (stacked steps x examples) in one forward/backward on a GPU. On the CPU stacking
 # does not pay (bench/bench_eap_ig.py: 5 stacked steps 5.7x EAP's time, one at a time 4.8x).
@@ -120,18 +135,21 @@ def discover(context: DiscoveryContext, settings: EapIgSettings) -> DiscoveryRes
         extra["units"] = {"granularity": settings.granularity, "positions": pgraph.to_dict() if pgraph is not None else None}
     n_forward = _forward_passes(context, settings)
     sign = context.metric.importance_sign
+    engine = context.engine(settings.batch_size)
+    zeros = _score_buffer(context, settings, pgraph)
     if pgraph is None and settings.variant == "inputs" and settings.granularity != "neuron":
-        edges = attribution_scores(context, settings.batch_size, _input_runs(context, settings))
+        sums = _batch_sums(context, settings, _input_edge_block(context, settings, engine), zeros)
+        edges = sign * (sums.cpu() * graph.edge_mask) / context.data.n  # as eap.attribution_scores
     else:
-        edges, positional, neurons = _accumulate(context, settings, pgraph)
-        if neurons is not None:
-            return DiscoveryResult(scores=(sign * neurons / context.data.n).cpu(), forward_passes=n_forward, extra=extra)
-        if positional is not None:
-            scores = (sign * positional / context.data.n).cpu() * pgraph.edge_mask
+        sums = _batch_sums(context, settings, _gradient_block(context, settings, pgraph, engine, zeros), zeros)
+        if settings.granularity == "neuron":
+            return DiscoveryResult(scores=(sign * sums / context.data.n).cpu(), forward_passes=n_forward, extra=extra)
+        if pgraph is not None:
+            scores = (sign * sums / context.data.n).cpu() * pgraph.edge_mask
             if settings.granularity == "node":
                 scores = scores.sum(dim=(1, 3))  # [G, U]: a node's outgoing edges to every position
             return DiscoveryResult(scores=scores, forward_passes=n_forward, extra=extra)
-        edges = (sign * edges / context.data.n).cpu() * graph.edge_mask
+        edges = (sign * sums / context.data.n).cpu() * graph.edge_mask
     if settings.granularity == "node":
         return DiscoveryResult(scores=edges.sum(1), forward_passes=n_forward, extra=extra)
     return DiscoveryResult(scores=edges, forward_passes=n_forward, extra=extra)
@@ -170,7 +188,7 @@ def _objective(context: DiscoveryContext, batch, clean_logits: torch.Tensor, n_s
 
 
 def _input_runs(context: DiscoveryContext, settings: EapIgSettings):
-    """EAP-IG-inputs as `attribution_scores` gradient runs: (1/m, clean outputs, step-summed gradients) per chunk."""
+    """EAP-IG-inputs as `eap.attribution_scores` gradient runs: (1/m, clean outputs, step-summed gradients) per chunk."""
     points = alphas(settings.steps, settings.points)
 
     def runs(batch, ablation):
@@ -245,54 +263,132 @@ def _runs(context: DiscoveryContext, settings: EapIgSettings, state, post_pair, 
             yield _Run((lo, hi) if not neurons else (layer, layer + 1), k, grads)
 
 
-def _accumulate(context: DiscoveryContext, settings: EapIgSettings, pgraph):
-    """Sum over batches and runs of delta . gradient: edge [U, V], per-position [G, G, U, V] or neuron [L, n] scores."""
+# ----------------------------------------------------------------------------------------
+# Sums over batches, resumable
+# ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Sums:
+    """Score sums over the first `done` examples (of this process's share). Replaced after
+    every batch, never changed in place, so that a Ctrl-C at any moment finds a consistent one."""
+
+    done: int
+    total: torch.Tensor
+
+
+BlockFunction = Callable[[TaskData], torch.Tensor]  # one batch's score sums, in a fresh float32 tensor
+
+
+def _batch_sums(context: DiscoveryContext, settings: EapIgSettings, block_of: BlockFunction, zeros: torch.Tensor) -> torch.Tensor:
+    """The sum of `block_of(batch)` over the dataset's batches, in order, all-reduced across
+    ranks. Checkpointed after whole batches (not under torchrun: resume runs on one process)."""
+    local = distributed.shard(context.data)
+    checkpoint = context.checkpoint if distributed.world_size() == 1 else None
+    sums = _Sums(0, zeros)
+
+    def snapshot() -> tuple[dict, dict]:
+        return {"examples_done": sums.done, "n_examples": local.n}, {"sums": sums.total}
+
+    autosave = Autosave(checkpoint, METHOD, settings.checkpoint_every_seconds, snapshot)
+    loaded = autosave.load(context.resume)
+    if loaded is not None:
+        sums = _restored(loaded, zeros, local.n, checkpoint)
+    sizer = BatchSizer(settings.batch_size, "EAP-IG")  # a piece that runs out of memory is retried in halves
+    try:
+        with bar(f"EAP-IG {settings.variant} ({context.metric.name})", -(-local.n // settings.batch_size)) as advance:
+            advance(-(-sums.done // settings.batch_size))
+            for n, block in sizer.map(local.slice(sums.done, local.n), lambda batch: (batch.n, block_of(batch))):
+                # block + total has the bits of total + block: the additions of an uninterrupted run
+                sums = _Sums(sums.done + n, block.add_(sums.total))
+                advance()
+                autosave.maybe_save()
+    except KeyboardInterrupt:
+        if checkpoint is None:
+            raise
+        raise autosave.interrupted("EAP-IG") from None
+    return distributed.all_reduce_sum(sums.total)
+
+
+def _restored(loaded: tuple[dict, dict], zeros: torch.Tensor, n_examples: int, checkpoint) -> _Sums:
+    state, tensors = loaded
+    total = tensors.get("sums")
+    if state.get("n_examples") != n_examples or total is None or tuple(total.shape) != tuple(zeros.shape):
+        raise UsageError(f"{checkpoint.dir}: the checkpoint does not fit this model and task; delete it to start over")
+    return _Sums(int(state["examples_done"]), total.to(device=zeros.device, dtype=zeros.dtype))
+
+
+def _score_buffer(context: DiscoveryContext, settings: EapIgSettings, pgraph) -> torch.Tensor:
+    """Zero float32 scores: edges [U, V], per-position edges [G, G, U, V] or neurons [L, d_mlp]."""
+    graph, adapter = context.graph, context.adapter
+    if settings.granularity == "neuron":
+        shape: tuple[int, ...] = (graph.spec.n_layers, adapter.cfg.d_mlp)
+    elif pgraph is not None:
+        shape = (pgraph.n_groups, pgraph.n_groups, graph.n_upstream, graph.n_downstream)
+    else:
+        shape = (graph.n_upstream, graph.n_downstream)
+    return torch.zeros(shape, dtype=torch.float32, device=adapter.device)
+
+
+def _batch_state(engine: PatchingEngine, batch: TaskData) -> BatchState:
+    """The clean run and the ablation outputs of one batch (what `PatchingEngine.states` yields)."""
+    batch = batch.to(engine.adapter.device)
+    clean = engine.adapter.run(batch.clean, batch.answer_positions)
+    check_finite(clean.logits, "the clean run")
+    return BatchState(batch, clean, engine.ablation_outputs(batch))
+
+
+# ----------------------------------------------------------------------------------------
+# One batch's scores
+# ----------------------------------------------------------------------------------------
+def _input_edge_block(context: DiscoveryContext, settings: EapIgSettings, engine: PatchingEngine) -> BlockFunction:
+    """Edge scores of EAP-IG-inputs, as `eap.attribution_scores` computes a batch's: the clean
+    outputs come from the gradient passes themselves, so no separate clean forward is run."""
+    runs = _input_runs(context, settings)
+    return lambda batch: eap.attribution_block(context, engine, runs, batch)
+
+
+def _gradient_block(context: DiscoveryContext, settings: EapIgSettings, pgraph, engine: PatchingEngine, zeros: torch.Tensor) -> BlockFunction:
+    """One batch's sum of delta . gradient over its `_runs`: edge [U, V], per-position [G, G, U, V] or neuron [L, n] scores."""
     graph, adapter = context.graph, context.adapter
     device = adapter.device
-    U, V = graph.n_upstream, graph.n_downstream
     neurons = settings.granularity == "neuron"
     G = pgraph.n_groups if pgraph is not None else 0
-    edge_scores = torch.zeros(U, V, dtype=torch.float32, device=device) if not neurons and G == 0 else None
-    pos_scores = torch.zeros(G, G, U, V, dtype=torch.float32, device=device) if G else None
-    neuron_scores = None
-    if neurons:
-        neuron_scores = torch.zeros(graph.spec.n_layers, adapter.cfg.d_mlp, dtype=torch.float32, device=device)
-        ablation_source = NeuronAblation(adapter, context.data, context.ablation, settings.batch_size)
+    ablation_source = NeuronAblation(adapter, context.data, context.ablation, settings.batch_size) if neurons else None
     kv = pgraph.kv_inputs.to(device) if G else None
     weight = 1.0 / settings.steps
-    engine = context.engine(settings.batch_size)
-    n_batches = -(-context.data.n // settings.batch_size)
-    with bar(f"EAP-IG {settings.variant} ({context.metric.name})", n_batches) as advance:
-        for state in engine.states():
-            B = state.batch.n
-            groups = pgraph.layout.assign(state.batch).to(device) if G else None
-            post_pair = ablation_source.pair(state.batch) if neurons else None
-            delta = None if neurons else (state.ablation_outputs - state.clean.outputs).float()  # [U, B, P, d]
-            post_delta = (post_pair[1] - post_pair[0]).float() if neurons else None  # [L, B, P, n]
-            for run in _runs(context, settings, state, post_pair, groups, G):
-                k = run.n_steps
-                if neurons:
-                    for layer, gr in run.grads.post_grads.items():
-                        if run.rows[0] <= layer < run.rows[1]:
-                            summed = gr.float().unflatten(0, (k, B)).sum(0)
-                            neuron_scores[layer] += weight * (post_delta[layer] * summed).sum((0, 1))
+
+    def block_of(batch: TaskData) -> torch.Tensor:
+        state = _batch_state(engine, batch)
+        scores = torch.zeros_like(zeros)
+        B = state.batch.n
+        groups = pgraph.layout.assign(state.batch).to(device) if G else None
+        post_pair = ablation_source.pair(state.batch) if neurons else None
+        delta = None if neurons else (state.ablation_outputs - state.clean.outputs).float()  # [U, B, P, d]
+        post_delta = (post_pair[1] - post_pair[0]).float() if neurons else None  # [L, B, P, n]
+        for run in _runs(context, settings, state, post_pair, groups, G):
+            k = run.n_steps
+            if neurons:
+                for layer, gr in run.grads.post_grads.items():
+                    if run.rows[0] <= layer < run.rows[1]:
+                        summed = gr.float().unflatten(0, (k, B)).sum(0)
+                        scores[layer] += weight * (post_delta[layer] * summed).sum((0, 1))
+                continue
+            lo, hi = run.rows
+            for lg in run.grads.layers:
+                n_up = min(hi, max(graph.prefix_len[v] for v in lg.inputs))
+                if n_up <= lo:
                     continue
-                lo, hi = run.rows
-                for lg in run.grads.layers:
-                    n_up = min(hi, max(graph.prefix_len[v] for v in lg.inputs))
-                    if n_up <= lo:
-                        continue
-                    grads = lg.grads.float().unflatten(1, (k, B)).sum(1)  # [n, B, P, d]
-                    cols = slice(lg.inputs.start, lg.inputs.stop)
-                    if G == 0:
-                        edge_scores[lo:n_up, cols] += weight * (delta[lo:n_up].flatten(1) @ grads.flatten(1).T)
-                        continue
-                    split = None
-                    if lg.kv_by_group is not None:  # one query group at a time: [2H, B, P, d]
-                        split = (gr.float().unflatten(1, (k, B)).sum(1) for gr in lg.kv_by_group)
-                    _add_positional(pos_scores, delta[lo:n_up], grads, split, groups, kv[cols], lo, lg.inputs, weight)
-            advance()
-    return edge_scores, pos_scores, neuron_scores
+                grads = lg.grads.float().unflatten(1, (k, B)).sum(1)  # [n, B, P, d]
+                cols = slice(lg.inputs.start, lg.inputs.stop)
+                if G == 0:
+                    scores[lo:n_up, cols] += weight * (delta[lo:n_up].flatten(1) @ grads.flatten(1).T)
+                    continue
+                split = None
+                if lg.kv_by_group is not None:  # one query group at a time: [2H, B, P, d]
+                    split = (gr.float().unflatten(1, (k, B)).sum(1) for gr in lg.kv_by_group)
+                _add_positional(scores, delta[lo:n_up], grads, split, groups, kv[cols], lo, lg.inputs, weight)
+        return scores
+
+    return block_of
 
 
 def _add_positional(scores, delta, grads, split, groups, is_kv, lo, inputs, weight) -> None:

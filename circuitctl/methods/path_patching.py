@@ -25,16 +25,21 @@ Relative thresholds and top_k never keep a path below 1% of the total effect (th
 The result is projected onto the ordinary edge graph (score of the position with the largest
 |score|; an edge is in the circuit when it is at any position), and the positional circuit is
 written beside it (``circuit.positions.json`` and a Graphviz drawing grouped by position).
+
+Long searches save their progress after whole receivers, every `checkpoint_every_seconds` and
+on Ctrl-C; ``circuitctl discover CONFIG --resume RUN_DIR`` continues with the next receiver and
+ends with exactly the circuit and scores of an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
+from circuitctl.checkpoint import Autosave
 from circuitctl.config.methods import PathPatchingSettings
 from circuitctl.errors import UsageError
 from circuitctl.graph import naming
@@ -44,6 +49,7 @@ from circuitctl.models.path_patching import NodePatch, PathEdge, PathPatcher, So
 from circuitctl.progress import bar
 from circuitctl.tasks.data import TaskData
 
+METHOD = "path_patching"
 POSITIONS_FILE = "circuit.positions.json"
 POSITIONS_DRAWING = "circuit.positions.dot"
 NEGLIGIBLE = 0.01  # top_k and relative thresholds never keep paths below this fraction of the total effect
@@ -148,6 +154,14 @@ def candidate_paths(graph: Graph, receiver: tuple[int, int], allowed: list[bool]
     return paths
 
 
+def start_search(graph: Graph, slots: Slots) -> tuple[PositionalCircuit, list[tuple[int, int]]]:
+    """An empty circuit and the frontier holding the root: the logits at the answer position."""
+    found = PositionalCircuit(slots)
+    root = (graph.n_upstream, slots.answer)
+    found.depth[root] = 0
+    return found, [(-root[0], -root[1])]  # max-heap on node id: reverse topological order
+
+
 def grow_circuit(
     graph: Graph,
     slots: Slots,
@@ -157,20 +171,22 @@ def grow_circuit(
     clean_value: float,
     sign: float,
     changed: torch.Tensor | None = None,
+    start: tuple[PositionalCircuit, list[tuple[int, int]]] | None = None,
+    on_receiver: Callable[[PositionalCircuit, list[tuple[int, int]]], None] | None = None,
 ) -> PositionalCircuit:
     """The greedy backwards search; `evaluate` computes path-patched metric values.
 
     `changed` ([U, S] bool, optional) marks sender outputs that differ between the clean and
     the ablated run at a slot; paths from the others are scored 0 without being patched.
+    `start`: (circuit, frontier) to continue from (default: `start_search`); `on_receiver` is
+    called with them after every expanded receiver.
     """
     # keys and values are read at positions up to the query: a slot after the receiver's in
     # every example cannot send into its k or v
     earlier = [[s for s in range(len(slots.names)) if bool((slot_index[s] <= slot_index[r]).any())] for r in range(len(slots.names))]
     allowed = _allowed_senders(graph, settings.node_types)
-    result = PositionalCircuit(slots)
+    result, frontier = start if start is not None else start_search(graph, slots)
     root = (graph.n_upstream, slots.answer)
-    result.depth[root] = 0
-    frontier = [(-root[0], -root[1])]  # max-heap on node id: reverse topological order
     while frontier:
         node, slot = heapq.heappop(frontier)
         receiver = (-node, -slot)
@@ -204,6 +220,8 @@ def grow_circuit(
                 result.depth[sender] = depth + 1
             else:  # reached again from another receiver: keep the shortest distance to the logits
                 result.depth[sender] = min(result.depth[sender], depth + 1)
+        if on_receiver is not None:
+            on_receiver(result, frontier)
     return result
 
 
@@ -219,6 +237,85 @@ def select_senders(scores: list[float], effect: float, total_effect: float, sett
         ranked = sorted(range(len(scores)), key=lambda i: -abs(scores[i]))
         keep |= {i for i in ranked[: settings.top_k] if abs(scores[i]) > floor}
     return sorted(keep)
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Progress:
+    """The search after a whole receiver. The circuit's scores, kept paths and effects only
+    grow (every receiver is expanded once, every path belongs to one receiver), so their
+    lengths then mark a consistent prefix; depths and the frontier change in place and are
+    copied. Replaced, never changed, so that a Ctrl-C at any moment finds one to save."""
+
+    n_scores: int
+    n_kept: int
+    n_effects: int
+    depth: tuple  # ((node, slot, depth), ...)
+    frontier: tuple  # the heap's list, as it was
+    total_effect: float
+    n_patches: int
+
+    @classmethod
+    def of(cls, found: PositionalCircuit, frontier: list) -> "Progress":
+        depth = tuple((node, slot, d) for (node, slot), d in found.depth.items())
+        return cls(len(found.scores), len(found.kept), len(found.effects), depth, tuple(frontier), found.total_effect, found.n_patches)
+
+    def to_checkpoint(self, found: PositionalCircuit) -> tuple[dict, dict]:
+        scored = list(found.scores.items())[: self.n_scores]
+        state = {
+            "receivers_done": self.n_effects,
+            "effects": [[node, slot, effect] for (node, slot), effect in list(found.effects.items())[: self.n_effects]],
+            "depth": [list(entry) for entry in self.depth],
+            "frontier": [list(entry) for entry in self.frontier],
+            "total_effect": self.total_effect,
+            "n_patches": self.n_patches,
+        }
+        tensors = {
+            "paths": _path_table([path for path, _ in scored]),
+            "scores": torch.tensor([score for _, score in scored], dtype=torch.float64),
+            "kept": _path_table(found.kept[: self.n_kept]),
+        }
+        return state, tensors
+
+    @staticmethod
+    def restore(state: dict, tensors: dict, slots: Slots) -> tuple[PositionalCircuit, list[tuple[int, int]]]:
+        """The circuit and frontier saved by `to_checkpoint` (scores in their original order)."""
+        paths = [PathEdge(*row) for row in tensors["paths"].tolist()]
+        found = PositionalCircuit(
+            slots,
+            scores=dict(zip(paths, tensors["scores"].tolist())),
+            kept=[PathEdge(*row) for row in tensors["kept"].tolist()],
+            effects={(node, slot): effect for node, slot, effect in state["effects"]},
+            depth={(node, slot): d for node, slot, d in state["depth"]},
+            total_effect=state["total_effect"],
+            n_patches=state["n_patches"],
+        )
+        return found, [(a, b) for a, b in state["frontier"]]
+
+
+def _path_table(paths: list[PathEdge]) -> torch.Tensor:
+    """[N, 4] int64: sender, sender slot, receiver input, receiver slot."""
+    return torch.tensor([astuple(p) for p in paths], dtype=torch.int64).reshape(len(paths), 4)
+
+
+class _Saver:
+    """The search's latest `Progress`, saved to the run's checkpoint (see `Autosave`)."""
+
+    def __init__(self, context: DiscoveryContext, settings: PathPatchingSettings, slots: Slots) -> None:
+        self.autosave = Autosave(context.checkpoint, METHOD, settings.checkpoint_every_seconds, self.snapshot)
+        loaded = self.autosave.load(context.resume)
+        self.found, frontier = Progress.restore(*loaded, slots) if loaded else start_search(context.graph, slots)
+        self.start = (self.found, frontier)  # where the search starts (or continues)
+        self.progress = Progress.of(self.found, frontier)
+
+    def snapshot(self) -> tuple[dict, dict]:
+        return self.progress.to_checkpoint(self.found)
+
+    def on_receiver(self, found: PositionalCircuit, frontier: list) -> None:
+        self.progress = Progress.of(found, frontier)  # `found` is `self.found`, grown in place
+        self.autosave.maybe_save()
 
 
 # ----------------------------------------------------------------------------------------
@@ -317,7 +414,16 @@ def discover(context: DiscoveryContext, settings: PathPatchingSettings) -> Disco
     slots = position_slots(context.data)
     evaluate, clean_value, changed = batched_evaluator(context, slots, settings.batch_size, settings.senders_per_pass)
     slot_index = slots.index(context.data)
-    found = grow_circuit(graph, slots, slot_index, settings, evaluate, clean_value, context.metric.importance_sign, changed)
+    saver = _Saver(context, settings, slots)
+    try:
+        found = grow_circuit(
+            graph, slots, slot_index, settings, evaluate, clean_value, context.metric.importance_sign, changed,
+            start=saver.start, on_receiver=saver.on_receiver,
+        )
+    except KeyboardInterrupt:
+        if context.checkpoint is None:
+            raise
+        raise saver.autosave.interrupted("path patching") from None
     scores, membership = project(graph, found)
     record = positional_record(graph, found, settings, clean_value, context.metric.name)
     from circuitctl.io.positional_graphviz import to_positional_dot

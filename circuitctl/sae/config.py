@@ -16,6 +16,7 @@
                                                             #   models/toy-gpt (circuitctl.models.toy_language)
     output: {dir: saes/toy}
     seed: 0
+    checkpoint_every_seconds: 30                # progress saved to OUTPUT_DIR/checkpoint (and on Ctrl-C)
 """
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ class TrainSaeConfig(Section):
     tokens: TokenSourceConfig = TokenSourceConfig()
     output: SaeOutputConfig
     seed: int = 0
+    checkpoint_every_seconds: float = Field(
+        30.0, ge=0, description="save resumable training progress to OUTPUT_DIR/checkpoint this often (and on Ctrl-C)"
+    )
 
     @field_validator("sites")
     @classmethod

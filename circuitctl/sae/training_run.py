@@ -1,4 +1,9 @@
-"""`train-sae`: config -> SAEs in sae-lens's format plus metrics.json. Never prints."""
+"""`train-sae`: config -> SAEs in sae-lens's format plus metrics.json. Never prints.
+
+Training saves its progress to ``OUTPUT_DIR/checkpoint/`` (every `checkpoint_every_seconds` and
+on Ctrl-C); ``circuitctl train-sae CONFIG --resume OUTPUT_DIR`` continues it. The checkpoint is
+removed once the SAEs and metrics.json are written.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from circuitctl.checkpoint import Checkpoint
+from circuitctl.config.load import config_hash
 from circuitctl.errors import UsageError
 from circuitctl.paths import SHIPPED_TASKS, resolve_path
 from circuitctl.sae.config import TrainSaeConfig
@@ -66,13 +73,47 @@ def _tokens(config: TrainSaeConfig, config_dir: Path | None, model):
     return task_tokens(data, task.origin, source.n_sequences)
 
 
-def train_from_config(config: TrainSaeConfig, config_dir: Path | None = None, force: bool = False) -> TrainSummary:
-    started = time.perf_counter()
-    out_dir = Path(config.output.dir)
+def output_checkpoint(out_dir: Path, config: TrainSaeConfig) -> Checkpoint:
+    """The training checkpoint in `out_dir`, fingerprinted by every config section but `output`
+    (the hash discovery runs use), so only the same training can continue from it."""
+    return Checkpoint(out_dir, config_hash(config))  # type: ignore[arg-type]  # any config with to_plain()
+
+
+def check_output_dir(out_dir: Path, force: bool) -> None:
+    """A new training never overwrites another's files silently, nor picks up its checkpoint."""
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"output.dir '{out_dir}' exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        if Checkpoint(out_dir, "").exists:
+            raise UsageError(
+                f"output.dir '{out_dir}' holds an interrupted training; continue it with --resume {out_dir}, "
+                "choose another output.dir, or pass --force to start over"
+            )
         raise UsageError(f"output.dir '{out_dir}' is not empty; choose another output.dir or pass --force to replace its files")
+
+
+def check_resumable(out_dir: Path, config: TrainSaeConfig) -> Checkpoint:
+    """The checkpoint of an interrupted training in `out_dir`, written by this same config."""
+    if not out_dir.is_dir():
+        raise UsageError(f"--resume: '{out_dir}' is not a directory")
+    checkpoint = output_checkpoint(out_dir, config)
+    if not checkpoint.exists:
+        finished = " (it holds finished SAEs)" if (out_dir / "metrics.json").exists() else ""
+        raise UsageError(f"--resume: '{out_dir}' has no checkpoint to resume{finished}")
+    checkpoint.check()
+    return checkpoint
+
+
+def train_from_config(config: TrainSaeConfig, config_dir: Path | None = None, force: bool = False, resume: Path | None = None) -> TrainSummary:
+    """Train and write the SAEs; `resume`: continue the interrupted training in that directory."""
+    started = time.perf_counter()
+    if resume is not None:
+        out_dir = Path(resume)
+        checkpoint = check_resumable(out_dir, config)
+    else:
+        out_dir = Path(config.output.dir)
+        check_output_dir(out_dir, force)
+        checkpoint = output_checkpoint(out_dir, config)
     model_path = None
     if config.model.path is not None:
         model_path = resolve_path(config.model.path, config_dir)
@@ -87,7 +128,7 @@ def train_from_config(config: TrainSaeConfig, config_dir: Path | None = None, fo
     from circuitctl.io.files import write_atomic, write_json
     from circuitctl.models.adapter import load_model
     from circuitctl.models.sae_sites import SiteRunner, hook_name
-    from circuitctl.sae.train import TrainSettings, train_saes
+    from circuitctl.sae.train import Checkpointing, TrainSettings, train_saes
 
     torch.manual_seed(config.seed)
     model = load_model(config.model.name, model_path, config.model.device, config.model.dtype)
@@ -111,7 +152,10 @@ def train_from_config(config: TrainSaeConfig, config_dir: Path | None = None, fo
     )
     runner = SiteRunner(model, sites)
     model_name = config.model.name or model.cfg.model_name
-    results = train_saes(runner, train, held_out, settings, {s: hook_name(s) for s in sites}, model_name)
+    if resume is None:
+        checkpoint.clear()  # a stale checkpoint in a --force'd directory is not this training's
+    checkpointing = Checkpointing(checkpoint, config.checkpoint_every_seconds, resume=resume is not None)
+    results = train_saes(runner, train, held_out, settings, {s: hook_name(s) for s in sites}, model_name, checkpointing)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []
@@ -132,4 +176,5 @@ def train_from_config(config: TrainSaeConfig, config_dir: Path | None = None, fo
     )
     write_atomic(out_dir / "train_config.yaml", yaml.safe_dump(config.to_plain(), sort_keys=False))
     files += ["metrics.json", "train_config.yaml"]
+    checkpoint.clear()  # the training is complete: nothing to resume
     return TrainSummary(out_dir, [m for _, _, m in results], tokens.origin, files, seconds)
