@@ -38,6 +38,17 @@ def random_model(seed: int = 0, **overrides):
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (use with `pytestmark = pytest.mark.usefixtures("one_thread")`):
+    the models are tiny, and on a shared 2-core machine multi-threaded small matmuls are far
+    slower than single-threaded ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def ln_mlp_model():
     return random_model(0)
 

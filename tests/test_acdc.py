@@ -34,13 +34,7 @@ from circuitctl.patching.incremental import ANSWER, EVERY, IncrementalSearch, La
 from circuitctl.tasks.data import TaskData
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: on a shared machine, multi-threaded small matmuls only add waiting
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (tests/conftest.py)
 
 
 # ------------------------------------------------------------------------------------------

@@ -16,17 +16,10 @@ import pytest
 import yaml
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread here and in the subprocesses (`interrupt`): the models are tiny, the
-    machine may be shared, and a float32 matrix product may round differently with another
-    number of threads, so a resumed run is only bit-identical on the same thread count."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One intra-op thread here and in the subprocesses (`interrupt`): the models are tiny, the machine
+# may be shared, and a float32 matrix product may round differently with another number of
+# threads, so a resumed run is only bit-identical on the same thread count.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ------------------------------------------------------------------------------------------
 # Atomic writes

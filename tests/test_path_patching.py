@@ -31,13 +31,7 @@ from circuitctl.tasks.records import pair_from_record
 LOGIT_DIFF = METRICS.get("logit_diff")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: on a shared 2-core box multi-threaded matmuls are far slower than single-threaded
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (tests/conftest.py)
 
 
 # ----------------------------------------------------------------------------------------

@@ -53,14 +53,7 @@ TRUE_EDGE_MIN = 0.10  # a true edge moves the logit diff by > 10% of the clean-c
 OTHER_EDGE_MAX = 1e-4  # any other edge by < 1e-4 of the gap
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: thread start-up dominates, and on a shared 2-core box multi-threaded
-    # matmuls are ~50x slower than single-threaded ones.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (tests/conftest.py)
 
 
 @functools.lru_cache(maxsize=None)

@@ -29,13 +29,7 @@ from circuitctl.models.adapter import ModelAdapter
 from circuitctl.tasks.data import TaskData
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: on a shared 2-core machine intra-op threads only add synchronisation
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (tests/conftest.py)
 
 
 class Killed(Exception):

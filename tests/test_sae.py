@@ -13,13 +13,7 @@ from circuitctl.sae.sae import SaeInfo, SparseAutoencoder, load_sae
 from circuitctl.sae.sites import Site, parse_site
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny matrices: intra-op threads only add synchronisation (30x slower on a busy machine)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (tests/conftest.py)
 
 
 def random_sae(architecture="relu", d_in=6, d_sae=10, k=None, seed=0) -> SparseAutoencoder:

@@ -28,13 +28,7 @@ from circuitctl.tasks.records import pair_from_record
 LOGIT_DIFF = METRICS.get("logit_diff")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny matrices: intra-op threads only add synchronisation (30x slower on a busy machine)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (tests/conftest.py)
 
 
 # ----------------------------------------------------------------------------------------
