@@ -40,13 +40,13 @@ Long runs save their progress every `checkpoint_every_seconds` and on Ctrl-C, an
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field, replace
 
 import torch
 
+from circuitctl.checkpoint import Autosave
 from circuitctl.config.methods import AcdcSettings
-from circuitctl.errors import InterruptedRun, UsageError
+from circuitctl.errors import UsageError
 from circuitctl.graph import naming
 from circuitctl.graph.graph import Graph
 from circuitctl.graph.selection import prune
@@ -281,20 +281,16 @@ def tau_label(tau: float) -> str:
     return f"tau-{tau:g}"
 
 
-class _Saver:
-    """The sweep's progress, written to the checkpoint every `every` seconds and on demand."""
+class _Sweep:
+    """The sweep's progress: (info, progress, ops) of every finished tau, and the active one.
+    `snapshot` is what the checkpoint holds (`circuitctl.checkpoint.Autosave` writes it)."""
 
-    def __init__(self, context: DiscoveryContext, taus: list[float], every: float) -> None:
-        self.checkpoint = context.checkpoint
+    def __init__(self, taus: list[float]) -> None:
         self.taus = taus
-        self.every = every
-        self.last = time.monotonic()
-        self.finished: list[tuple[dict, Progress, list]] = []  # (info, progress, ops) per finished tau
+        self.finished: list[tuple[dict, Progress, list]] = []
         self.active: tuple[int, Progress, list] | None = None  # (tau index, progress, ops)
 
-    def save(self) -> None:
-        if self.checkpoint is None:
-            return
+    def snapshot(self) -> tuple[dict, dict]:
         state: dict = {"taus": self.taus, "finished": [], "active": None}
         tensors = {}
         for i, (info, progress, ops) in enumerate(self.finished):
@@ -306,22 +302,11 @@ class _Saver:
             entry, t = progress.to_checkpoint("active", ops)
             state["active"] = {"tau_index": index, **entry}
             tensors.update(t)
-        self.checkpoint.save(METHOD, state, tensors)
-        self.last = time.monotonic()
+        return state, tensors
 
-    def maybe_save(self) -> None:
-        if self.checkpoint is not None and time.monotonic() - self.last >= self.every:
-            self.save()
-
-    def restore(self, context: DiscoveryContext) -> None:
-        if not (context.resume and context.checkpoint is not None):
-            return
-        loaded = context.checkpoint.load(METHOD)
-        if loaded is None:
-            return
-        state, tensors = loaded
+    def restore(self, state: dict, tensors: dict, where) -> None:
         if state["taus"] != self.taus:  # the config fingerprint covers this already; a cheap guard
-            raise UsageError(f"{context.checkpoint.dir}: the checkpoint is for tau {state['taus']}, not {self.taus}")
+            raise UsageError(f"{where}: the checkpoint is for tau {state['taus']}, not {self.taus}")
         for i, entry in enumerate(state["finished"]):
             progress, ops = Progress.from_checkpoint(entry, tensors, f"finished{i}")
             self.finished.append((entry["info"], progress, ops))
@@ -334,40 +319,39 @@ def discover(context: DiscoveryContext, settings: AcdcSettings) -> DiscoveryResu
     graph = context.graph
     taus = list(settings.tau) if isinstance(settings.tau, list) else [settings.tau]
     engine = context.engine(settings.batch_size, keep_cache=True)
-    saver = _Saver(context, taus, settings.checkpoint_every_seconds)
-    saver.restore(context)
+    sweep = _Sweep(taus)
+    autosave = Autosave(context.checkpoint, METHOD, settings.checkpoint_every_seconds, sweep.snapshot)
+    loaded = autosave.load(context.resume)
+    if loaded is not None:
+        sweep.restore(*loaded, context.checkpoint.dir)
     sign = context.metric.importance_sign
     try:
-        for index in range(len(saver.finished), len(taus)):
+        for index in range(len(sweep.finished), len(taus)):
             tau = taus[index]
             search, evaluator = make_search(context, engine, settings)
-            if saver.active is not None and saver.active[0] == index:
-                _, progress, ops = saver.active
+            if sweep.active is not None and sweep.active[0] == index:
+                _, progress, ops = sweep.active
             else:
                 progress, ops = Progress.start(graph, search.current_value()), []
             runner = Search(graph, search, settings, tau, sign, ops)
             runner.replay(progress.n_ops)
-            saver.active = (index, progress, ops)
+            sweep.active = (index, progress, ops)
             with bar(f"acdc {tau_label(tau)}", graph.n_edges) as advance:
                 advance(int(progress.tested.sum()) + progress.counts["untested"])
 
                 def on_step(new: Progress, done: int) -> None:
-                    saver.active = (index, new, ops)
+                    sweep.active = (index, new, ops)
                     advance(done)
-                    saver.maybe_save()
+                    autosave.maybe_save()
 
                 progress = runner.run(progress, on_step)
-            saver.finished.append(({"tau": tau, "evaluator": evaluator}, progress, ops))
-            saver.active = None
+            sweep.finished.append(({"tau": tau, "evaluator": evaluator}, progress, ops))
+            sweep.active = None
     except KeyboardInterrupt:
         if context.checkpoint is None:
             raise
-        saver.save()
-        raise InterruptedRun(
-            f"ACDC stopped; its progress is saved in {context.checkpoint.dir}. "
-            f"Resume with: circuitctl discover CONFIG --resume {context.checkpoint.dir.parent}"
-        ) from None
-    points = [_point(graph, info, progress) for info, progress, _ in saver.finished]
+        raise autosave.interrupted("ACDC") from None
+    points = [_point(graph, info, progress) for info, progress, _ in sweep.finished]
     first = points[0]
     result = DiscoveryResult(
         scores=first.scores,
