@@ -149,7 +149,8 @@ def test_fast_equals_sequential_on_planted_models(name):
     gap = abs(full - empty)
     changes, _ = assert_same_as_sequential(context, 0.01 * gap)
     assert_same_as_sequential(context, 0.1 * gap, candidates_per_pass=3)
-    assert_same_as_sequential(context, close_tau(changes))
+    assert_same_as_sequential(context, 0.1 * gap, candidates_per_pass=16, trials_per_evaluation=16)
+    assert_same_as_sequential(context, close_tau(changes), trials_per_evaluation=1)
     assert_same_as_sequential(context, 0.01 * gap, evaluator="layerwise", candidates_per_pass=5)
 
 
@@ -170,6 +171,7 @@ def test_fast_equals_sequential_on_a_random_model(metric, ablation, model):
     for tau in (positive[len(positive) // 4], positive[len(positive) // 2]):
         measured, _ = assert_same_as_sequential(context, tau)
         assert_same_as_sequential(context, close_tau(measured), candidates_per_pass=4)
+        assert_same_as_sequential(context, tau, candidates_per_pass=12, trials_per_evaluation=5)
     assert_same_as_sequential(context, positive[len(positive) // 2], absolute=True)
 
 

@@ -108,7 +108,10 @@ class AcdcSettings(MethodSettings):
         "a list runs one search per value (a sweep, one circuit each)",
     )
     absolute: bool = Field(False, description="compare |change| with tau (the reference's abs_value_threshold)")
-    candidates_per_pass: int = Field(16, ge=1, description="edges into one node tested together in one batched evaluation")
+    candidates_per_pass: int = Field(16, ge=1, description="edges into one node tested together, with speculative replay")
+    trials_per_evaluation: int = Field(
+        4, ge=1, description="of those, trials evaluated per batched call (the walk stops at the first wrong prediction)"
+    )
     checkpoint_every_seconds: float = Field(30.0, ge=0, description="save resumable progress to RUN_DIR/checkpoint this often")
     evaluator: Literal["auto", "incremental", "layerwise"] = Field(
         "auto",

@@ -157,6 +157,7 @@ class Search:
         self.sign = sign
         self.absolute = settings.absolute
         self.per_pass = settings.candidates_per_pass
+        self.per_evaluation = settings.trials_per_evaluation
         self.order = visit_order(graph)
         self.kind = [naming.parse_node(name).channel or naming.parse_node(name).kind for name in graph.downstream]
         self.ops = ops  # ("drop", v, []) and ("remove", v, senders), in order; append-only
@@ -208,26 +209,34 @@ class Search:
         ablate = torch.eye(K, dtype=torch.bool)
         for k in range(K):
             ablate[k, :k] = torch.tensor(guess[:k], dtype=torch.bool)
-        values = self.search.trial_values(v, chunk, ablate).tolist()
-
         current, removals = progress.current, []
         scores, tested = progress.scores.clone(), progress.tested.clone()
-        used = 0
-        for k, u in enumerate(chunk):
-            change, remove = self.decide(values[k], current)
-            scores[u, v], tested[u, v] = change, True
-            tests, kept = history.get((u, self.kind[v]), (0, 0))
-            history[(u, self.kind[v])] = (tests + 1, kept + (not remove))
-            used = k + 1
-            if remove:
-                removals.append(u)
-                current = values[k]
-            if remove != guess[k]:
-                break  # later trials assumed the other outcome: they are re-tested in the next batch
+        values: list[float] = []
+        used, passes, wrong = 0, 0, False
+        # Trials are evaluated a few at a time and the walk stops at the first wrong prediction:
+        # a trial's unembedding is most of its cost, and trials after a wrong guess are wasted.
+        for lo in range(0, K, self.per_evaluation):
+            values += self.search.trial_values(v, chunk, ablate[lo : lo + self.per_evaluation]).tolist()
+            passes += 1
+            for k in range(lo, len(values)):
+                u = chunk[k]
+                change, remove = self.decide(values[k], current)
+                scores[u, v], tested[u, v] = change, True
+                tests, kept = history.get((u, self.kind[v]), (0, 0))
+                history[(u, self.kind[v])] = (tests + 1, kept + (not remove))
+                used = k + 1
+                if remove:
+                    removals.append(u)
+                    current = values[k]
+                if remove != guess[k]:
+                    wrong = True  # later trials assumed the other outcome: they are re-tested in the next batch
+                    break
+            if wrong:
+                break
         # Each invalidated trial k still measured candidate k's effect on top of the trials'
         # shared speculative circuit (the last trial before it that assumed a removal): a good prediction.
         base = current if not any(guess[:used]) else values[max(i for i in range(used) if guess[i])]
-        for k in range(used, K):
+        for k in range(used, len(values)):
             predicted[chunk[k]] = self.decide(values[k], base)[1]
             if guess[k]:
                 base = values[k]
@@ -238,8 +247,8 @@ class Search:
         removed[removals, v] = True
         counts = dict(progress.counts)
         counts["tests"] += used
-        counts["trials"] += K
-        counts["passes"] += 1
+        counts["trials"] += len(values)
+        counts["passes"] += passes
         new = replace(
             progress,
             candidate=progress.candidate + used,
