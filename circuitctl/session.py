@@ -62,7 +62,7 @@ def open_session(config: RunConfig, config_dir: Path | None) -> Session:
 
     metric = METRICS.get(config.metric)
     seed_everything(config.seed)
-    adapter = ModelAdapter(load_model(config.model.name, model_path, config.model.device, config.model.dtype))
+    adapter = ModelAdapter(load_model(config.model.name, model_path, config.model.device, config.model.dtype, config.model.n_devices))
     tokenizer = adapter.tokenizer
     pairs = task_pairs(task, tokenizer, config.task.n_pairs, config.seed, config.task.options)
     if metric.needs_wrong_answers and any(not p.wrong_answers for p in pairs):

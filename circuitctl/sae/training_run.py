@@ -131,7 +131,7 @@ def train_from_config(config: TrainSaeConfig, config_dir: Path | None = None, fo
     from circuitctl.sae.train import Checkpointing, TrainSettings, train_saes
 
     torch.manual_seed(config.seed)
-    model = load_model(config.model.name, model_path, config.model.device, config.model.dtype)
+    model = load_model(config.model.name, model_path, config.model.device, config.model.dtype, config.model.n_devices)
     model.eval()
     model.requires_grad_(False)
     sites = _sites(config, model)
