@@ -119,9 +119,9 @@ def inner(variant: str, model_name: str, layers: int, batch: int, length: int, t
     """One timed search. Everything after the model is built is timed, for every variant
     alike: the clean / corrupt runs (2 forward passes) and the search."""
     import torch
+    from test_acdc import sequential_acdc  # imports tests/conftest.py, which sets 2 threads
 
     torch.set_num_threads(threads)
-    from test_acdc import sequential_acdc
 
     from circuitctl.config.methods import AcdcSettings
     from circuitctl.methods import acdc
@@ -205,7 +205,7 @@ def main() -> None:
         )
     Console(width=200).print(table)
     settings = {"layers": args.layers, "batch": args.batch, "length": args.length, "threads": args.threads}
-    print(f"wrote {write_results(f'acdc-{args.layers}layers', {'settings': settings, 'rows': rows})}")
+    print(f"wrote {write_results(f'acdc-{args.layers}layers-{args.threads}threads', {'settings': settings, 'rows': rows})}")
 
 
 if __name__ == "__main__":
