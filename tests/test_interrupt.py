@@ -1,5 +1,5 @@
 """Interruptions: a run killed part-way (SIGINT, SIGKILL) resumes to the same result as an
-uninterrupted run (ACDC, path patching, EAP-IG, SAE training), and a killed writer never leaves
+uninterrupted run (ACDC, path patching, EAP-IG, exact patching, CD-T, SAE training), and a killed writer never leaves
 a half-written circuit.json. In-process variants of the resume tests: tests/test_resume_methods.py."""
 
 from __future__ import annotations
@@ -175,20 +175,34 @@ def test_interrupted_acdc_resumes_to_the_same_circuit(acdc_world, how, tmp_path,
 
 
 # ------------------------------------------------------------------------------------------
-# Path patching and EAP-IG: interrupt, resume, compare, and count the work of the resumed run
+# Path patching, EAP-IG, exact patching and CD-T: interrupt, resume, compare, and count the
+# work of the resumed run
 # ------------------------------------------------------------------------------------------
 RESUMABLE = {
     # path patching saves after each of its 54 receivers (one batched evaluation each)
     "path_patching": {"name": "path_patching", "threshold": 0.1, "senders_per_pass": 8, "checkpoint_every_seconds": 0.0},
     # EAP-IG saves after each of its 8 batches (one example, 20 gradient passes each)
     "eap_ig": {"name": "eap_ig", "steps": 20, "batch_size": 1, "checkpoint_every_seconds": 0.0},
+    # exact patching saves after each of its 8 x 29 units (a chunk of at most 4 edges on one example)
+    "exact": {"name": "exact", "batch_size": 1, "candidates_per_pass": 4, "checkpoint_every_seconds": 0.0},
+    # CD-T saves after each of its 8 batches (one example, one source per decomposed pass)
+    "cdt": {"name": "cdt", "batch_size": 1, "sources_per_pass": 1, "checkpoint_every_seconds": 0.0},
 }
+# interrupt after this many checkpoints (2 unless named): exact patching into its second example
+INTERRUPT_AFTER = {"path_patching": 10, "exact": 40}
 
 
 def count_work(monkeypatch, method: str) -> list:
-    """Record the units of work of in-process runs: path patching's receiver evaluations, EAP-IG's gradient passes."""
+    """Record the units of work of in-process runs: path patching's receiver evaluations, EAP-IG's
+    gradient passes, exact patching's chunks of edges patched on a batch, CD-T's batches (edge scores)."""
     calls: list = []
-    if method == "path_patching":
+    if method in ("exact", "cdt"):
+        from circuitctl.methods import cdt, exact
+
+        module, name = (exact, "_chunk_effects") if method == "exact" else (cdt, "edge_scores")
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, **k: (calls.append(a), original(*a, **k))[1])
+    elif method == "path_patching":
         from circuitctl.methods import path_patching as pp
 
         original = pp.batched_evaluator
@@ -207,13 +221,20 @@ def count_work(monkeypatch, method: str) -> list:
 
 
 def work_left(method: str, reference: dict, saved: dict) -> int:
-    """The units of work a resume from `saved` must still do: receivers, or batches x steps."""
+    """The units of work a resume from `saved` must still do: receivers, examples x steps,
+    examples x chunks of edges (exact) or examples (CD-T); the batches hold one example each."""
+    state, n_pairs = saved["state"], reference["task"]["n_pairs"]
     if method == "path_patching":
-        total, done, per_unit = reference["results"]["path_patching"]["receivers_expanded"], saved["state"]["receivers_done"], 1
+        total, done = reference["results"]["path_patching"]["receivers_expanded"], state["receivers_done"]
+    elif method == "eap_ig":
+        steps = RESUMABLE["eap_ig"]["steps"]
+        total, done = n_pairs * steps, state["examples_done"] * steps
+    elif method == "exact":
+        total, done = n_pairs * state["n_chunks"], state["examples_done"] * state["n_chunks"] + state["chunks_done"]
     else:
-        total, done, per_unit = reference["task"]["n_pairs"], saved["state"]["examples_done"], RESUMABLE["eap_ig"]["steps"]
+        total, done = n_pairs, state["examples_done"]
     assert 0 < done < total, "interrupt part-way"
-    return (total - done) * per_unit
+    return total - done
 
 
 @needs_resume
@@ -231,7 +252,7 @@ def test_interrupted_method_resumes_to_the_same_circuit(acdc_world, method, how,
         assert code == 0, err
 
     run = tmp_path / "run"
-    saved = interrupt(["discover", str(config), f"output.dir={run}"], run, 10 if method == "path_patching" else 2, how)
+    saved = interrupt(["discover", str(config), f"output.dir={run}"], run, INTERRUPT_AFTER.get(method, 2), how)
     assert saved["method"] == method and not (run / "circuit.json").exists()
 
     calls = count_work(monkeypatch, method)

@@ -1,4 +1,4 @@
-"""Checkpoints of path patching, EAP-IG and SAE training, in-process.
+"""Checkpoints of path patching, EAP-IG, exact patching, CD-T and SAE training, in-process.
 
 Each run is stopped part-way, either by Ctrl-C (KeyboardInterrupt: the run saves and raises
 InterruptedRun) or by a stand-in for SIGKILL (an exception no handler catches: only the periodic
@@ -18,10 +18,10 @@ import torch
 from conftest import random_model, random_tokens
 
 from circuitctl.checkpoint import Checkpoint
-from circuitctl.config.methods import EapIgSettings, PathPatchingSettings
+from circuitctl.config.methods import CdtSettings, EapIgSettings, ExactSettings, PathPatchingSettings
 from circuitctl.config.schema import AblationConfig
-from circuitctl.errors import InterruptedRun
-from circuitctl.methods import eap_ig
+from circuitctl.errors import InterruptedRun, UsageError
+from circuitctl.methods import cdt, eap_ig, exact
 from circuitctl.methods import path_patching as pp
 from circuitctl.methods.base import DiscoveryContext
 from circuitctl.metrics.metrics import METRICS
@@ -197,6 +197,107 @@ def test_eap_ig_checkpoint_holds_the_sums_of_finished_batches(eap_context, eap_w
     assert state == {"examples_done": 4, "n_examples": 8}
     graph = eap_context.graph
     assert tensors["sums"].shape == (graph.n_upstream, graph.n_downstream) and tensors["sums"].dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------------------
+# Exact patching: one patched pass per chunk of edges and batch (11 chunks x 3 batches)
+# ------------------------------------------------------------------------------------------
+EXACT = dict(batch_size=3, candidates_per_pass=8)  # 8 examples: batches of 3, 3 and 2
+
+
+@pytest.fixture
+def exact_work(monkeypatch) -> Work:
+    work, original = Work(), exact._chunk_effects
+
+    def chunk_effects(*args, **kwargs):
+        work()
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(exact, "_chunk_effects", chunk_effects)
+    return work
+
+
+@pytest.mark.parametrize("how", ["ctrl_c", "kill"])
+def test_exact_patching_resumes_to_the_same_scores(eap_context, exact_work, how, tmp_path):
+    settings = ExactSettings(**EXACT, checkpoint_every_seconds=0 if how == "kill" else 3600)
+    reference = exact.discover(eap_context, settings).scores
+    total = exact_work.calls
+    assert total == 3 * 11
+
+    checkpoint = Checkpoint(tmp_path, "fingerprint")
+    # stopped at the 4th chunk of the second batch, then (resumed there) at the 4th chunk of the third
+    stops = [11 + 4, 8 + 4]
+    resumed = stop_and_resume(lambda c: exact.discover(c, settings).scores, eap_context, checkpoint, exact_work, stops, how)
+    assert exact_work.calls == total - (sum(stops) - len(stops))  # only the unfinished chunks were patched
+    # bit for bit: the resumed run adds the remaining chunks' effects to the saved sums in the
+    # order of an uninterrupted run
+    assert torch.equal(resumed, reference)
+
+
+def test_exact_patching_checkpoint_holds_the_sums_of_finished_chunks(eap_context, exact_work, tmp_path):
+    checkpoint = Checkpoint(tmp_path, "fingerprint")
+    exact_work.reset(11 + 4)
+    with pytest.raises(InterruptedRun, match=r"exact patching stopped; .* --resume"):
+        exact.discover(replace(eap_context, checkpoint=checkpoint), ExactSettings(**EXACT, checkpoint_every_seconds=3600))
+    state, tensors = checkpoint.load("exact")
+    assert state == {"examples_done": 3, "batch": 3, "chunks_done": 3, "n_examples": 8, "n_chunks": 11}
+    graph = eap_context.graph
+    assert tensors["sums"].shape == (graph.n_upstream, graph.n_downstream) and tensors["sums"].dtype == torch.float64
+    assert int((tensors["sums"] != 0).sum()) > 0
+
+    exact_work.reset()
+    for context, settings in [
+        (eap_context, ExactSettings(**{**EXACT, "candidates_per_pass": 4})),  # other chunks of edges
+        (replace(eap_context, data=eap_context.data.slice(0, 6)), ExactSettings(**EXACT)),  # other examples
+    ]:
+        with pytest.raises(UsageError, match="the checkpoint does not fit"):
+            exact.discover(replace(context, checkpoint=checkpoint, resume=True), settings)
+    assert exact_work.calls == 0
+
+
+# ------------------------------------------------------------------------------------------
+# CD-T: 4 batches (stopped after a batch's node contributions, before its edge scores)
+# ------------------------------------------------------------------------------------------
+@pytest.fixture
+def cdt_work(monkeypatch) -> Work:
+    work, original = Work(), cdt.edge_scores
+
+    def edge_scores(*args, **kwargs):
+        work()
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cdt, "edge_scores", edge_scores)
+    return work
+
+
+@pytest.mark.parametrize("how", ["ctrl_c", "kill"])
+def test_cdt_resumes_to_the_same_circuit(eap_context, cdt_work, how, tmp_path):
+    settings = CdtSettings(batch_size=2, checkpoint_every_seconds=0 if how == "kill" else 3600)
+    reference = cdt.discover(eap_context, settings)
+    assert cdt_work.calls == 4 and int(reference.membership.sum()) > 0
+
+    checkpoint = Checkpoint(tmp_path, "fingerprint")
+    stops = [2, 2]  # in the second batch, then (resumed there) in the third
+    resumed = stop_and_resume(lambda c: cdt.discover(c, settings), eap_context, checkpoint, cdt_work, stops, how)
+    assert cdt_work.calls == 2  # only the last two batches were decomposed
+    assert torch.equal(resumed.scores, reference.scores) and torch.equal(resumed.membership, reference.membership)
+    assert resumed.extra == reference.extra and resumed.forward_passes == reference.forward_passes
+
+
+def test_cdt_checkpoint_holds_the_sums_of_finished_batches(eap_context, cdt_work, tmp_path):
+    checkpoint = Checkpoint(tmp_path, "fingerprint")
+    cdt_work.reset(3)
+    with pytest.raises(InterruptedRun, match=r"CD-T stopped; .* --resume"):
+        cdt.discover(replace(eap_context, checkpoint=checkpoint), CdtSettings(batch_size=2, checkpoint_every_seconds=3600))
+    state, tensors = checkpoint.load("cdt")
+    assert set(state) == {"examples_done", "n_examples", "total_sum", "passes"}
+    assert state["examples_done"] == 4 and state["n_examples"] == 8 and state["passes"] > 0
+    graph = eap_context.graph
+    assert tensors["edge_sums"].shape == (graph.n_upstream, graph.n_downstream) and tensors["edge_sums"].dtype == torch.float64
+    assert tensors["node_sums"].shape == (graph.n_upstream,) and tensors["node_sums"].dtype == torch.float64
+
+    with pytest.raises(UsageError, match="the checkpoint does not fit"):  # other examples
+        cdt.discover(replace(eap_context, data=eap_context.data.slice(0, 6), checkpoint=checkpoint, resume=True), CdtSettings(batch_size=2))
 
 
 # ------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ def discover(
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. output.dir=runs/x method.name=eap"),
     force: bool = typer.Option(False, "--force", help="replace the files of an existing run directory"),
     rerun: Optional[Path] = typer.Option(None, "--from", help="rerun the config recorded in an earlier run directory"),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="continue an interrupted run (ACDC, path patching, EAP-IG) from its checkpoint in RUN_DIR"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue an interrupted run (ACDC, path patching, EAP-IG, exact patching, CD-T) from its checkpoint in RUN_DIR"),
 ) -> None:
     """Discover a circuit and write circuit.json, circuit.mib.json, circuit.dot (and .svg)."""
     from circuitctl.config.load import load_config

@@ -27,6 +27,9 @@ class MethodSettings(BaseModel):
 class ExactSettings(MethodSettings):
     name: Literal["exact"] = "exact"
     candidates_per_pass: int = Field(32, ge=1, description="edges patched together in one batched forward pass")
+    checkpoint_every_seconds: float = Field(
+        30.0, ge=0, description="save the effect sums of finished (batch, chunk of edges) units to RUN_DIR/checkpoint this often"
+    )
 
 
 class EapSettings(MethodSettings):
@@ -96,6 +99,9 @@ class CdtSettings(MethodSettings):
         "or split in proportion to |relevant| and |irrelevant| (the paper's rule)",
     )
     sources_per_pass: int = Field(32, ge=1, description="source sets decomposed together in one forward-like pass")
+    checkpoint_every_seconds: float = Field(
+        30.0, ge=0, description="save the sums of finished batches to RUN_DIR/checkpoint this often"
+    )
 
 
 class AcdcSettings(MethodSettings):

@@ -21,13 +21,22 @@ Per batch of examples (the decomposition rules live in `circuitctl.models.decomp
 3. Native circuit: from the logits backwards, keep the edges into kept nodes whose |score| is
    at least ``threshold`` times the total effect (the contribution of the whole ``input``) and
    whose source's |contribution| also is; then drop what is not connected to input and logits.
+
+The sums over batches (edge and node contributions, total effect, cost) are saved after whole
+batches, every `checkpoint_every_seconds` and on Ctrl-C, and ``circuitctl discover CONFIG
+--resume RUN_DIR`` continues with the next batch: the same additions in the same order, so the
+same scores and circuit, bit for bit, as an uninterrupted run.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from circuitctl.checkpoint import Autosave
 from circuitctl.config.methods import CdtSettings
+from circuitctl.errors import UsageError
 from circuitctl.graph import naming
 from circuitctl.graph.selection import prune
 from circuitctl.methods.base import DiscoveryContext, DiscoveryResult
@@ -35,6 +44,8 @@ from circuitctl.models.decomposition import Decomposer, FullRun
 from circuitctl.patching.engine import BatchState
 from circuitctl.progress import bar
 from circuitctl.tasks.data import TaskData
+
+METHOD = "cdt"
 
 
 def _repeat(batch: TaskData, times: int) -> TaskData:
@@ -173,47 +184,99 @@ def native_circuit(scores: torch.Tensor, node_scores: torch.Tensor, graph, thres
     return prune(membership, graph)
 
 
+@dataclass(frozen=True)
+class _Sums:
+    """Sums over the first `done` examples (whole batches). Replaced after every batch, never
+    changed in place, so that a Ctrl-C at any moment finds a consistent one to save."""
+
+    done: int
+    edges: torch.Tensor  # float64 [U, V]
+    nodes: torch.Tensor  # float64 [U]
+    total: float  # the whole input's contribution
+    passes: float  # forward-pass equivalents
+
+    def to_checkpoint(self, n_examples: int) -> tuple[dict, dict]:
+        # floats in JSON round-trip exactly (shortest repr)
+        state = {"examples_done": self.done, "n_examples": n_examples, "total_sum": self.total, "passes": self.passes}
+        return state, {"edge_sums": self.edges, "node_sums": self.nodes}
+
+    @classmethod
+    def restore(cls, state: dict, tensors: dict, n_examples: int, graph, where) -> "_Sums":
+        edges, nodes = tensors.get("edge_sums"), tensors.get("node_sums")
+        if (
+            state.get("n_examples") != n_examples
+            or edges is None
+            or nodes is None
+            or tuple(edges.shape) != (graph.n_upstream, graph.n_downstream)
+            or tuple(nodes.shape) != (graph.n_upstream,)
+        ):
+            raise UsageError(f"{where}: the checkpoint does not fit this model and task; delete it to start over")
+        return cls(int(state["examples_done"]), edges.double(), nodes.double(), float(state["total_sum"]), float(state["passes"]))
+
+
+def _batch_sums(context: DiscoveryContext, settings: CdtSettings, decomposer: Decomposer, state: BatchState, sums: _Sums) -> _Sums:
+    """`sums` with one more batch's node and edge contributions, total effect and cost added."""
+    graph, batch = context.graph, state.batch
+    run = decomposer.full_run(batch.clean, batch.answer_positions)
+    deltas = (state.clean.outputs - state.ablation_outputs).expand_as(state.clean.outputs)
+    score = _Scorer(context, state)
+    contrib, cost_nodes = node_contributions(decomposer, run, deltas, score, settings)
+    weights = target_weights(contrib, deltas, settings.per_position)
+    edges, cost_edges = edge_scores(decomposer, run, deltas, weights, score, settings)
+    # the whole input as one source: the total effect (per-position contributions of a
+    # node need not add up to it: the decomposition is not linear)
+    whole = torch.zeros(1, graph.n_upstream, dtype=torch.bool)
+    whole[0, 0] = True
+    out = decomposer.propagate(run, deltas, whole, columns=score.columns)
+    return _Sums(
+        sums.done + batch.n,
+        sums.edges + edges,
+        sums.nodes + contrib.sum(dim=(1, 2)),
+        sums.total + float(score(out.rel, out.irrel).double().sum()),
+        # clean run, reference run, full run for the decomposition statistics, total effect
+        sums.passes + (4 + cost_nodes + cost_edges) * batch.n / context.data.n,
+    )
+
+
 def discover(context: DiscoveryContext, settings: CdtSettings) -> DiscoveryResult:
     graph = context.graph
     qk = settings.qk_rule if settings.decompose_qk else None
     decomposer = Decomposer(context.adapter, bias=settings.bias, qk=qk)
     engine = context.engine(settings.batch_size)
-    node_sums = torch.zeros(graph.n_upstream, dtype=torch.float64)
-    total_sum = 0.0
-    edge_sums = torch.zeros(graph.n_upstream, graph.n_downstream, dtype=torch.float64)
-    passes = 0.0
+    zeros = torch.zeros(graph.n_upstream, graph.n_downstream, dtype=torch.float64)
+    sums = _Sums(0, zeros, torch.zeros(graph.n_upstream, dtype=torch.float64), 0.0, 0.0)
+
+    def snapshot() -> tuple[dict, dict]:
+        return sums.to_checkpoint(context.data.n)
+
+    autosave = Autosave(context.checkpoint, METHOD, settings.checkpoint_every_seconds, snapshot)
+    loaded = autosave.load(context.resume)
+    if loaded is not None:
+        sums = _Sums.restore(*loaded, context.data.n, graph, context.checkpoint.dir)
     n_batches_total = -(-context.data.n // settings.batch_size)
-    with torch.no_grad(), bar("CD-T", n_batches_total) as advance:
-        for state in engine.states():
-            batch = state.batch
-            run = decomposer.full_run(batch.clean, batch.answer_positions)
-            deltas = (state.clean.outputs - state.ablation_outputs).expand_as(state.clean.outputs)
-            score = _Scorer(context, state)
-            contrib, cost_nodes = node_contributions(decomposer, run, deltas, score, settings)
-            weights = target_weights(contrib, deltas, settings.per_position)
-            sums, cost_edges = edge_scores(decomposer, run, deltas, weights, score, settings)
-            edge_sums += sums
-            node_sums += contrib.sum(dim=(1, 2))
-            # the whole input as one source: the total effect (per-position contributions of a
-            # node need not add up to it: the decomposition is not linear)
-            whole = torch.zeros(1, graph.n_upstream, dtype=torch.bool)
-            whole[0, 0] = True
-            out = decomposer.propagate(run, deltas, whole, columns=score.columns)
-            total_sum += float(score(out.rel, out.irrel).double().sum())
-            # clean run, reference run, full run for the decomposition statistics, total effect
-            passes += (4 + cost_nodes + cost_edges) * batch.n / context.data.n
-            advance()
+    try:
+        with torch.no_grad(), bar("CD-T", n_batches_total) as advance:
+            advance(-(-sums.done // settings.batch_size))
+            # the unfinished examples, in batches as `PatchingEngine.states` makes them
+            for state in engine.sizer.map(context.data.slice(sums.done, context.data.n), engine.batch_state):
+                sums = _batch_sums(context, settings, decomposer, state, sums)
+                advance()
+                autosave.maybe_save()
+    except KeyboardInterrupt:
+        if context.checkpoint is None:
+            raise
+        raise autosave.interrupted("CD-T") from None
     n = context.data.n
-    scores = (edge_sums / n).float() * graph.edge_mask
-    node_scores = (node_sums / n).float()
-    total = abs(total_sum / n)
+    scores = (sums.edges / n).float() * graph.edge_mask
+    node_scores = (sums.nodes / n).float()
+    total = abs(sums.total / n)
     if total < 1e-12:  # the input carries no effect (e.g. identical clean/corrupt prompts)
         total = float(node_scores.abs().max())
     threshold = settings.threshold * total
     membership = native_circuit(scores, node_scores, graph, threshold)
     extra = {
         "node_scores": {name: round(float(node_scores[u]), 6) for u, name in enumerate(graph.upstream)},
-        "total_effect": total_sum / n,
+        "total_effect": sums.total / n,
         "threshold_abs": threshold,
     }
-    return DiscoveryResult(scores=scores, membership=membership, forward_passes=passes, extra=extra)
+    return DiscoveryResult(scores=scores, membership=membership, forward_passes=sums.passes, extra=extra)

@@ -49,7 +49,7 @@ from circuitctl.errors import UsageError
 from circuitctl.methods import eap
 from circuitctl.methods.base import DiscoveryContext, DiscoveryResult
 from circuitctl.models.gradients import GradientPass, Replacement, gradient_pass
-from circuitctl.patching.engine import BatchState, PatchingEngine, check_finite
+from circuitctl.patching.engine import PatchingEngine
 from circuitctl.patching.units import NeuronAblation
 from circuitctl.progress import bar
 from circuitctl.tasks.data import TaskData
@@ -328,14 +328,6 @@ def _score_buffer(context: DiscoveryContext, settings: EapIgSettings, pgraph) ->
     return torch.zeros(shape, dtype=torch.float32, device=adapter.device)
 
 
-def _batch_state(engine: PatchingEngine, batch: TaskData) -> BatchState:
-    """The clean run and the ablation outputs of one batch (what `PatchingEngine.states` yields)."""
-    batch = batch.to(engine.adapter.device)
-    clean = engine.adapter.run(batch.clean, batch.answer_positions)
-    check_finite(clean.logits, "the clean run")
-    return BatchState(batch, clean, engine.ablation_outputs(batch))
-
-
 # ----------------------------------------------------------------------------------------
 # One batch's scores
 # ----------------------------------------------------------------------------------------
@@ -357,7 +349,7 @@ def _gradient_block(context: DiscoveryContext, settings: EapIgSettings, pgraph, 
     weight = 1.0 / settings.steps
 
     def block_of(batch: TaskData) -> torch.Tensor:
-        state = _batch_state(engine, batch)
+        state = engine.batch_state(batch)
         scores = torch.zeros_like(zeros)
         B = state.batch.n
         groups = pgraph.layout.assign(state.batch).to(device) if G else None

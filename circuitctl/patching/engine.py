@@ -105,7 +105,8 @@ class PatchingEngine:
             return torch.zeros(g.n_upstream, 1, batch.clean.shape[1], cfg.d_model, dtype=self.adapter.dtype, device=self.adapter.device)
         return self._mean_outputs()
 
-    def _state(self, batch: TaskData) -> BatchState:
+    def batch_state(self, batch: TaskData) -> BatchState:
+        """The clean run and the ablation outputs of one batch (what `states` yields for it)."""
         batch = batch.to(self.adapter.device)
         clean = self.adapter.run(batch.clean, batch.answer_positions)
         check_finite(clean.logits, "the clean run")
@@ -118,7 +119,7 @@ class PatchingEngine:
             yield from self._cache
             return
         states = []
-        for state in self.sizer.map(self.data, self._state):
+        for state in self.sizer.map(self.data, self.batch_state):
             if self.keep_cache:
                 states.append(state)
             yield state
@@ -135,7 +136,7 @@ class PatchingEngine:
             yield from self._local_cache
             return
         states = []
-        for state in self.sizer.map(distributed.shard(self.data), self._state):
+        for state in self.sizer.map(distributed.shard(self.data), self.batch_state):
             if self.keep_cache:
                 states.append(state)
             yield state
