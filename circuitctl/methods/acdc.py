@@ -201,7 +201,8 @@ class Search:
         return progress
 
     def _batch(self, v: int, candidates: list[int], progress: Progress) -> tuple[Progress, int]:
-        """Test the next candidates of input v in one batched call; replay the sequential decisions."""
+        """Test the next candidates of input v speculatively, a few trials per batched call, and
+        replay the sequential decisions."""
         chunk = candidates[progress.candidate : progress.candidate + self.per_pass]
         history, predicted = dict(progress.history), dict(progress.predicted)
         guess = [predicted.get(u, self._prior(history, u, v)) for u in chunk]
