@@ -48,18 +48,6 @@ from circuitctl.tasks.data import TaskData
 METHOD = "cdt"
 
 
-def _repeat(batch: TaskData, times: int) -> TaskData:
-    """The batch stacked `times` times (for metrics over [S * B] logits)."""
-    return TaskData(
-        batch.clean.repeat(times, 1),
-        batch.corrupt.repeat(times, 1),
-        batch.lengths.repeat(times),
-        batch.answers.repeat(times, 1),
-        batch.wrong.repeat(times, 1),
-        {k: v.repeat(times) for k, v in batch.positions.items()},
-    )
-
-
 class _Scorer:
     """Metric importance of removing relevant logits, per stream and example.
 
@@ -88,7 +76,7 @@ class _Scorer:
         """[S, B, vocab or columns] -> importance [S, B]."""
         S, B = rel_logits.shape[:2]
         irrel = self.full[None] - rel_logits.float() if irrel_logits is None else irrel_logits.float()
-        values = self.metric(irrel.flatten(0, 1), _repeat(self.batch, S), self.full.repeat(S, 1))
+        values = self.metric(irrel.flatten(0, 1), self.batch.repeat(S), self.full.repeat(S, 1))
         return self.sign * (values.view(S, B) - self.m_full[None])
 
 

@@ -36,7 +36,7 @@ so the same scores, bit for bit, as an uninterrupted run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace as dc_replace
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -68,21 +68,6 @@ def alphas(steps: int, points: str) -> list[float]:
     if points == "left":
         return [k / steps for k in range(steps)]
     return [(k + 0.5) / steps for k in range(steps)]
-
-
-def repeat_batch(batch, times: int):
-    """The batch stacked `times` times along the example axis (for stacked IG steps)."""
-    if times == 1:
-        return batch
-    return dc_replace(
-        batch,
-        clean=batch.clean.repeat(times, 1),
-        corrupt=batch.corrupt.repeat(times, 1),
-        lengths=batch.lengths.repeat(times),
-        answers=batch.answers.repeat(times, 1),
-        wrong=batch.wrong.repeat(times, 1),
-        positions={k: v.repeat(times) for k, v in batch.positions.items()},
-    )
 
 
 def _chunks(values: list[float], size: int) -> list[list[float]]:
@@ -178,7 +163,7 @@ def _forward_passes(context: DiscoveryContext, settings: EapIgSettings) -> float
 
 def _objective(context: DiscoveryContext, batch, clean_logits: torch.Tensor, n_steps: int):
     """The summed metric over `n_steps` stacked copies of the batch, and their answer positions."""
-    stacked = repeat_batch(batch, n_steps)
+    stacked = batch.repeat(n_steps)
     reference = clean_logits.repeat(n_steps, 1)  # KL compares with the clean run at every point
 
     def objective(logits):

@@ -27,7 +27,6 @@ from circuitctl.graph import naming
 from circuitctl.graph.graph import Graph
 from circuitctl.models.nodes import NodeComputer
 from circuitctl.patching.engine import BatchState, PatchingEngine, check_finite
-from circuitctl.tasks.data import TaskData
 
 DEAD, ANSWER, EVERY = 0, 1, 2  # where a node's output is needed: nowhere, answer positions, every position
 
@@ -304,7 +303,7 @@ class IncrementalSearch:
             # the final residual, not the logits: 60x smaller for GPT-2, and NaN reaches both
             check_finite(final, "a patched run")
             if K not in b.repeated:  # the K trials' metric in one call, against repeated references
-                b.repeated[K] = (repeat_batch(b.state.batch, K), b.state.clean.logits.repeat(K, 1))
+                b.repeated[K] = (b.state.batch.repeat(K), b.state.clean.logits.repeat(K, 1))
             batch, reference = b.repeated[K]
             logits = self.computer.logits(final).flatten(0, 1)
             values = self.engine.metric(logits, batch, reference).view(K, -1)
@@ -353,14 +352,3 @@ class IncrementalSearch:
                 b.inputs, b.projections = {}, {}
         self._value = None
 
-
-def repeat_batch(batch: TaskData, k: int) -> TaskData:
-    """The batch repeated k times along the example axis (trial-major), for K trials at once."""
-    return TaskData(
-        batch.clean.repeat(k, 1),
-        batch.corrupt.repeat(k, 1),
-        batch.lengths.repeat(k),
-        batch.answers.repeat(k, 1),
-        batch.wrong.repeat(k, 1),
-        {label: pos.repeat(k) for label, pos in batch.positions.items()},
-    )

@@ -7,24 +7,21 @@ nodes, evaluation and files differ from the edge-level graph's.
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
 
-from circuitctl.config.load import config_hash
 from circuitctl.config.schema import RunConfig
 from circuitctl.io.files import write_atomic
 
 
 def discover_features(run_dir: Path, config: RunConfig, config_dir: Path | None, session, timings: dict[str, float], started: float):
-    from circuitctl.io.circuit_file import library_versions
     from circuitctl.io.feature_circuit import to_dot, write_feature_circuit
     from circuitctl.io.graphviz import write_drawing
     from circuitctl.methods.base import DiscoveryContext
     from circuitctl.methods.sfc import find_feature_circuit
     from circuitctl.models.sae_sites import SiteRunner
-    from circuitctl.runner import DiscoverySummary
+    from circuitctl.runner import DiscoverySummary, run_provenance
     from circuitctl.sae.evaluate import FeatureAblator, measure_circuit
     from circuitctl.sae.loading import resolve_saes
 
@@ -54,25 +51,8 @@ def discover_features(run_dir: Path, config: RunConfig, config_dir: Path | None,
         **{key: value for key, value in measured.items() if not key.startswith("curve")},
         "forward_passes": circuit.stats.get("forward_passes"),
     }
-    provenance = {
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": {"name": config.model.name, "path": config.model.path, **adapter.describe()},
-        "task": {
-            "name": session.task.spec.name,
-            "version": session.task.spec.version,
-            "origin": session.task.origin,
-            "n_pairs": session.data.n,
-        },
-        "method": settings.model_dump(mode="json"),
-        "metric": config.metric,
-        "ablation": config.ablation.model_dump(mode="json"),
-        "seed": config.seed,
-        "config": config.to_plain(),
-        "config_hash": config_hash(config),
-        "library_versions": library_versions(),
-        "timings": {k: round(v, 3) for k, v in timings.items()},
-        "results": results,
-    }
+    provenance = run_provenance(config, session, timings, results)
+    del provenance["selection"]  # feature circuits are selected by the method's own thresholds
     write_atomic(run_dir / "config.yaml", yaml.safe_dump(config.to_plain(), sort_keys=False))
     write_feature_circuit(run_dir / "circuit.json", circuit, provenance)
     title = (

@@ -50,6 +50,19 @@ class TaskData:
             {k: v[start:stop] for k, v in self.positions.items()},
         )
 
+    def repeat(self, times: int) -> "TaskData":
+        """The examples stacked `times` times (copy-major): metrics over K stacked trials or steps."""
+        if times == 1:
+            return self
+        return TaskData(
+            self.clean.repeat(times, 1),
+            self.corrupt.repeat(times, 1),
+            self.lengths.repeat(times),
+            self.answers.repeat(times, 1),
+            self.wrong.repeat(times, 1),
+            {k: v.repeat(times) for k, v in self.positions.items()},
+        )
+
     def to(self, device) -> "TaskData":
         return TaskData(
             self.clean.to(device),
