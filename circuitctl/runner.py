@@ -148,39 +148,42 @@ def _discover_into(
 
         return discover_features(run_dir, config, config_dir, session, timings, started)
 
-    from circuitctl.graph.selection import select
-    from circuitctl.io.circuit_file import write_circuit, write_mib
-    from circuitctl.io.graphviz import to_dot, write_drawing
+    from circuitctl.checkpoint import Checkpoint
     from circuitctl.methods.base import DiscoveryContext, run_method
 
-    from circuitctl.checkpoint import Checkpoint
-
-    adapter, graph = session.adapter, session.adapter.graph
+    adapter = session.adapter
     checkpoint = Checkpoint(run_dir, config_hash(config))
     context = DiscoveryContext(adapter, session.data, session.metric, config.ablation, config.seed, run_dir, checkpoint, resume)
     t0 = time.perf_counter()
     result = run_method(context, config.method)
     timings["discovery"] = time.perf_counter() - t0
+    summary = _write_results(run_dir, config, session, context, result, timings, started)
+    checkpoint.clear()  # the run is complete: nothing to resume
+    return summary
+
+
+def _write_results(run_dir: Path, config: RunConfig, session, context, result, timings: dict[str, float], started: float) -> DiscoverySummary:
+    """Select, evaluate and write the circuit(s) of a finished method run."""
+    from circuitctl.graph.selection import nodes_in, select
+    from circuitctl.io.circuit_file import write_circuit, write_mib
+    from circuitctl.io.graphviz import to_dot, write_drawing
+    from circuitctl.metrics.faithfulness import normalized_faithfulness
+
+    adapter, graph = session.adapter, session.adapter.graph
     if "units" in result.extra:  # node, neuron or per-position circuits: their own selection, evaluation and files
         from circuitctl.unit_circuits import finish_discovery
 
         write_atomic(run_dir / "config.yaml", yaml.safe_dump(config.to_plain(), sort_keys=False))
-        summary = finish_discovery(run_dir, config, session, result, timings, started)
-        checkpoint.clear()  # the run is complete: nothing to resume
-        return summary
+        return finish_discovery(run_dir, config, session, result, timings, started)
     check_result(result, graph, config.method.name)
     if result.sweep:  # one circuit per sweep point, each in its own subdirectory
-        summary = write_sweep(run_dir, config, session, context, result, timings, started)
-        checkpoint.clear()
-        return summary
+        return write_sweep(run_dir, config, session, context, result, timings, started)
 
     membership = select(result.scores, graph, config.selection, result.membership)
     t0 = time.perf_counter()
     engine = context.engine(config.method.batch_size, keep_cache=True)
     m_full, m_empty = engine.full_and_empty()
     m_circuit = float(engine.circuit_values(membership[None])[0])
-    from circuitctl.metrics.faithfulness import normalized_faithfulness
-
     faithfulness = normalized_faithfulness(m_circuit, m_full, m_empty)
     timings["evaluation"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started
@@ -203,9 +206,6 @@ def _discover_into(
     svg, note = write_drawing(run_dir / "circuit.dot", to_dot(graph, result.scores, membership, title))
     files = ["config.yaml", "circuit.json", "circuit.mib.json", "circuit.dot"] + (["circuit.svg"] if svg else [])
     files += write_method_files(run_dir, result.files)
-    from circuitctl.graph.selection import nodes_in
-
-    checkpoint.clear()  # the run is complete: nothing to resume
     return DiscoverySummary(
         run_dir=run_dir,
         method=config.method.name,
