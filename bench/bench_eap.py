@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import build_model, peak_rss_mb, run_inner, time_it, write_results  # noqa: E402
+from common import build_model, peak_rss_mb, random_pairs, run_inner, time_it, write_results  # noqa: E402
 
 
 def inner(kind: str, shape: str, batch: int, length: int) -> dict:
@@ -30,16 +30,9 @@ def inner(kind: str, shape: str, batch: int, length: int) -> dict:
     from circuitctl.methods.eap import attribution_scores, clean_gradient_run
     from circuitctl.metrics.metrics import METRICS
     from circuitctl.models.adapter import ModelAdapter
-    from circuitctl.tasks.data import TaskData
 
     model = build_model(shape)
-    vocab = model.cfg.d_vocab
-    g = torch.Generator().manual_seed(0)
-    clean = torch.randint(0, vocab, (batch, length), generator=g)
-    corrupt = torch.randint(0, vocab, (batch, length), generator=g)
-    answers = torch.randint(0, vocab, (batch, 1), generator=g)
-    wrong = torch.randint(0, vocab, (batch, 1), generator=g)
-    data = TaskData(clean, corrupt, torch.full((batch,), length), answers, wrong, {})
+    data = random_pairs(model.cfg.d_vocab, batch, length)
     rss_before = peak_rss_mb()
     if kind == "eap":
         adapter = ModelAdapter(model)

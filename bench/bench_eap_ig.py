@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import build_model, peak_rss_mb, run_inner, time_it, write_results  # noqa: E402
+from common import build_model, peak_rss_mb, random_pairs, run_inner, time_it, write_results  # noqa: E402
 
 KINDS = {  # EAP-IG settings (None: EAP); "stacked" puts all steps in one forward/backward
     "eap": None,
@@ -45,16 +45,9 @@ def inner(kind: str, layers: int, batch: int, length: int, steps: int, threads: 
     from circuitctl.methods.base import DiscoveryContext
     from circuitctl.metrics.metrics import METRICS
     from circuitctl.models.adapter import ModelAdapter
-    from circuitctl.tasks.data import TaskData
 
     model = build_model("gpt2-small-shape", n_layers=layers)
-    vocab = model.cfg.d_vocab
-    g = torch.Generator().manual_seed(0)
-    clean = torch.randint(0, vocab, (batch, length), generator=g)
-    corrupt = torch.randint(0, vocab, (batch, length), generator=g)
-    answers = torch.randint(0, vocab, (batch, 1), generator=g)
-    wrong = torch.randint(0, vocab, (batch, 1), generator=g)
-    data = TaskData(clean, corrupt, torch.full((batch,), length), answers, wrong, {})
+    data = random_pairs(model.cfg.d_vocab, batch, length)
     context = DiscoveryContext(ModelAdapter(model), data, METRICS.get("logit_diff"), AblationConfig())
     rss_before = peak_rss_mb()
     if KINDS[kind] is None:

@@ -36,6 +36,21 @@ def build_model(shape: str, seed: int = 0, **overrides):
     return HookedTransformer(HookedTransformerConfig(**fields))
 
 
+def random_pairs(vocab: int, n: int, length: int, seed: int = 0):
+    """IOI-shaped random prompt pairs: n clean and n corrupt prompts of `length` tokens, one
+    answer and one wrong answer each, read at the last token (the same draws for every benchmark)."""
+    import torch
+
+    from circuitctl.tasks.data import TaskData
+
+    g = torch.Generator().manual_seed(seed)
+
+    def tokens(*shape):
+        return torch.randint(0, vocab, shape, generator=g)
+
+    return TaskData(tokens(n, length), tokens(n, length), torch.full((n,), length), tokens(n, 1), tokens(n, 1), {})
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import build_model, peak_rss_mb, write_results  # noqa: E402
+from common import build_model, peak_rss_mb, random_pairs, write_results  # noqa: E402
 
 EVALUATION = "evaluation"
 # memory check only (--memory): the engine's cached state (clean + ablation activations) that ACDC
@@ -49,10 +49,6 @@ PUBLISHED = "published, IOI on GPT-2 small, 200 examples, one H100: EAP 21 s, AC
 # ----------------------------------------------------------------------------------------
 def _data(model_name: str, layers: int | None, examples: int, length: int, seed: int = 0):
     """(model, TaskData) for a benchmark model."""
-    import torch
-
-    from circuitctl.tasks.data import TaskData
-
     if model_name.startswith("planted:"):
         from dataclasses import replace
 
@@ -67,15 +63,7 @@ def _data(model_name: str, layers: int | None, examples: int, length: int, seed:
         pairs = [pair_from_record(r, f"pair {i}") for i, r in enumerate(pc.pairs)]
         return model, tokenize_pairs(pairs, None, model.cfg.d_vocab, None, model_name)
     model = build_model(model_name, seed=seed, **({"n_layers": layers} if layers else {}))
-    vocab = model.cfg.d_vocab
-    g = torch.Generator().manual_seed(seed)
-
-    def tokens(*shape):
-        return torch.randint(0, vocab, shape, generator=g)
-
-    # IOI-shaped: every prompt `length` tokens, the answer read at the last one
-    data = TaskData(tokens(examples, length), tokens(examples, length), torch.full((examples,), length), tokens(examples, 1), tokens(examples, 1), {})
-    return model, data
+    return model, random_pairs(model.cfg.d_vocab, examples, length, seed)
 
 
 def _forward_backward(adapter, data, batch: int) -> None:
