@@ -353,7 +353,7 @@ def test_interrupted_run_resumes_to_the_same_result(random_world, monkeypatch, e
     run ends with the circuits and scores of an uninterrupted one, bit for bit."""
     root, write_config = random_world
     taus = [0.002, 0.02]
-    _run(write_config("reference", taus, evaluator=evaluator, candidates_per_pass=4))
+    _run(write_config("reference", taus, evaluator=evaluator, candidates_per_pass=4, trials_per_evaluation=4))
     search_class = IncrementalSearch if evaluator == "incremental" else LayerwiseSearch
     original = search_class.trial_values
     calls = {"n": 0, "stop": None}
@@ -366,18 +366,21 @@ def test_interrupted_run_resumes_to_the_same_result(random_world, monkeypatch, e
 
     monkeypatch.setattr(search_class, "trial_values", trial_values)
     total = calls["n"] = 0
-    _run(write_config("counting", taus, evaluator=evaluator, candidates_per_pass=4))
+    _run(write_config("counting", taus, evaluator=evaluator, candidates_per_pass=4, trials_per_evaluation=4))
     total = calls["n"]
     for name, stops in (("once", [total // 3]), ("twice", [total // 4, 3 * total // 4])):
-        config = write_config(name, taus, evaluator=evaluator, candidates_per_pass=4, checkpoint_every_seconds=3600)
+        config = write_config(name, taus, evaluator=evaluator, candidates_per_pass=4, trials_per_evaluation=4, checkpoint_every_seconds=3600)
         run_dir = root / name
         for i, stop in enumerate(stops):
             calls["n"], calls["stop"] = 0, stop - (stops[i - 1] if i else 0)
             with pytest.raises(InterruptedRun, match="--resume"):
                 _run(config, resume=run_dir if i else None)
             assert (run_dir / "checkpoint" / "state.json").exists() and not (run_dir / "sweep.json").exists()
-        calls["stop"] = None
+        calls["n"], calls["stop"] = 0, None
         _run(config, resume=run_dir)
+        # every batch's evaluation is one call (4 candidates, 4 trials per call): the resumed
+        # run makes only the calls the interrupted runs did not finish
+        assert calls["n"] == total - (stops[-1] - len(stops))
         for label in ("tau-0.002", "tau-0.02"):
             assert _circuit(run_dir / label / "circuit.json") == _circuit(root / "reference" / label / "circuit.json")
         assert not (run_dir / "checkpoint").exists()
