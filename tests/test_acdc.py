@@ -29,8 +29,8 @@ from circuitctl.methods import acdc
 from circuitctl.methods.base import DiscoveryContext
 from circuitctl.metrics.metrics import METRICS
 from circuitctl.models.adapter import ModelAdapter
-from circuitctl.models.nodes import NodeComputer
-from circuitctl.patching.incremental import ANSWER, EVERY, IncrementalSearch, LayerwiseSearch
+from circuitctl.methods.acdc.nodes import NodeComputer
+from circuitctl.methods.acdc.incremental import ANSWER, EVERY, IncrementalSearch, LayerwiseSearch
 from circuitctl.tasks.data import TaskData
 
 
@@ -295,7 +295,7 @@ def _world(tmp_path, model_dir: Path, task_path: Path, metric: str):
 @pytest.fixture
 def planted_world(tmp_path):
     """v_composition exported to disk, and a config writer."""
-    from circuitctl.models.planted import build, export
+    from circuitctl.testing.planted import build, export
 
     model_dir, task_dir = export(build("v_composition"), tmp_path / "model", tmp_path / "task")
     return _world(tmp_path, model_dir, task_dir / "task.yaml", "logit_diff")

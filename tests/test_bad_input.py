@@ -78,7 +78,7 @@ def world(tmp_path_factory) -> World:
     from circuitctl.evaluation import evaluate_faithfulness
     from circuitctl.graph.graph import Graph, GraphSpec
     from circuitctl.io.circuit_file import write_circuit
-    from circuitctl.models import planted
+    from circuitctl.testing import planted
     from circuitctl.runner import discover
 
     root = tmp_path_factory.mktemp("bad_input")

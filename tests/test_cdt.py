@@ -12,7 +12,7 @@ from helpers import edge_auc, planted_context
 from circuitctl.config.methods import CdtSettings, ExactSettings
 from circuitctl.methods import cdt, exact
 from circuitctl.models.adapter import ModelAdapter
-from circuitctl.models.decomposition import Decomposer
+from circuitctl.methods.cdt.decomposition import Decomposer
 
 MODELS = {
     "ln_mlp": lambda: random_model(0),
@@ -218,7 +218,7 @@ def test_discover_end_to_end_writes_the_native_circuit(tmp_path):
     import yaml
 
     from circuitctl.config.load import load_config
-    from circuitctl.models.planted import build, export
+    from circuitctl.testing.planted import build, export
     from circuitctl.runner import discover
 
     pc = build("v_composition")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from circuitctl.models.planted import build, export
+from circuitctl.testing.planted import build, export
 
 PLANTED = "layernorm_mlp"  # 24 pairs: ranks get 12 each, batches of 5 leave a short last batch
 

@@ -20,7 +20,7 @@ from circuitctl.methods.base import DiscoveryContext
 from circuitctl.metrics.faithfulness import top_edges
 from circuitctl.metrics.metrics import METRICS
 from circuitctl.models.adapter import ModelAdapter
-from circuitctl.models.planted import PLANTED_NEURONS, build, export
+from circuitctl.testing.planted import PLANTED_NEURONS, build, export
 from circuitctl.patching.units import UnitEvaluator
 from circuitctl.tasks.data import TaskData
 

@@ -273,7 +273,7 @@ def test_interrupted_method_resumes_to_the_same_circuit(acdc_world, method, how,
 def sae_world(tmp_path_factory) -> Path:
     """The planted MLP-neuron model and its task's prompts: 2000 steps of two small SAEs take
     about 2 s on a CPU, with a checkpoint every 0.2 s."""
-    from circuitctl.models.planted import build, export
+    from circuitctl.testing.planted import build, export
 
     root = tmp_path_factory.mktemp("sae")
     export(build("mlp_neurons"), root / "model", root / "task")

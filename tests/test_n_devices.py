@@ -61,7 +61,7 @@ def test_more_than_one_device_is_refused_before_loading(monkeypatch):
 
 
 def test_local_checkpoints_get_n_devices_in_their_config(tmp_path):
-    from circuitctl.models.planted import build, export
+    from circuitctl.testing.planted import build, export
 
     model_dir, _ = export(build("layernorm_mlp"), tmp_path / "model", tmp_path / "task")
     model = adapter_module.load_model(None, model_dir, "cpu", "float32", n_devices=1)

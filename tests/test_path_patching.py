@@ -1,7 +1,7 @@
 """Automatic path patching: planted circuits, the distributed-mechanism failure and its
 mitigations, and the batched implementation against a plain one-path-at-a-time one.
 
-The plain implementation below shares no code with `circuitctl/models/path_patching.py`: it
+The plain implementation below shares no code with `circuitctl/methods/path_patching/patcher.py`: it
 patches one path at a time and recomputes every changed circuit node with its own
 TransformerLens forward pass, through TL's split-qkv / attn-result / mlp-in hooks.
 """
@@ -23,8 +23,8 @@ from circuitctl.methods import path_patching as pp
 from circuitctl.methods.base import DiscoveryContext
 from circuitctl.metrics.metrics import METRICS
 from circuitctl.models.adapter import ModelAdapter
-from circuitctl.models.path_patching import NodePatch, PathEdge
-from circuitctl.models.planted import build, build_model, export
+from circuitctl.methods.path_patching.patcher import NodePatch, PathEdge
+from circuitctl.testing.planted import build, build_model, export
 from circuitctl.tasks.data import TaskData, tokenize_pairs
 from circuitctl.tasks.records import pair_from_record
 

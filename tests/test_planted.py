@@ -1,4 +1,4 @@
-"""Planted-circuit models (circuitctl.models.planted) checked against the reference patcher.
+"""Planted-circuit models (circuitctl.testing.planted) checked against the reference patcher.
 
 Two things are tested here:
 * the reference edge-patching implementation (tests/reference_patching.py) agrees with plain
@@ -39,7 +39,7 @@ from reference_patching import (  # noqa: E402
 from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
 
 from circuitctl.graph.naming import parse_edge  # noqa: E402
-from circuitctl.models.planted import (  # noqa: E402
+from circuitctl.testing.planted import (  # noqa: E402
     PLANTED,
     PLANTED_NEURONS,
     PlantedCircuit,

@@ -115,7 +115,7 @@ print(json.dumps({"results": results, "answer_logit_full": float(answer_logit(lo
 
 @pytest.fixture(scope="module")
 def plugin_world(tmp_path_factory) -> Path:
-    from circuitctl.models import planted
+    from circuitctl.testing import planted
 
     root = tmp_path_factory.mktemp("plugins")
     for name, text in PACKAGE.items():

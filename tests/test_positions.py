@@ -21,7 +21,7 @@ from circuitctl.methods import eap_ig
 from circuitctl.methods.base import DiscoveryContext
 from circuitctl.metrics.metrics import METRICS
 from circuitctl.models.adapter import ModelAdapter
-from circuitctl.models.planted import build, export
+from circuitctl.testing.planted import build, export
 from circuitctl.models.unit_patching import positional_patched_logits
 from circuitctl.patching.units import UnitEvaluator
 from circuitctl.tasks.data import TaskData

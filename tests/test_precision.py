@@ -23,7 +23,7 @@ from circuitctl.methods import eap, exact
 from circuitctl.methods.base import DiscoveryContext
 from circuitctl.metrics.metrics import METRICS
 from circuitctl.models.adapter import ModelAdapter, load_model
-from circuitctl.models.planted import build, export
+from circuitctl.testing.planted import build, export
 from circuitctl.tasks.data import TaskData, tokenize_pairs
 from circuitctl.tasks.records import pair_from_record
 

@@ -17,7 +17,7 @@ FILES = ("circuit.mib.json", "circuit.dot", "config.yaml")
 
 @pytest.fixture(scope="module")
 def planted_dirs(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
-    from circuitctl.models import planted
+    from circuitctl.testing import planted
 
     root = tmp_path_factory.mktemp("planted")
     return {name: planted.export(planted.build(name), root / name / "model", root / name / "task") for name in ("layernorm_mlp", "mlp_neurons")}

@@ -10,7 +10,7 @@ from conftest import random_model
 
 from circuitctl.errors import UsageError
 from circuitctl.sae.sae import SaeInfo, SparseAutoencoder, load_sae
-from circuitctl.sae.sites import Site, parse_site
+from circuitctl.graph.naming import Site, parse_site
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (tests/conftest.py)

@@ -21,7 +21,7 @@ from circuitctl.methods.base import DiscoveryContext
 from circuitctl.methods.sfc import find_feature_circuit
 from circuitctl.metrics.metrics import METRICS
 from circuitctl.models.adapter import ModelAdapter
-from circuitctl.sae.sites import error_node, feature_node, parse_node, parse_site, split_edge
+from circuitctl.graph.naming import error_node, feature_node, parse_feature_node, parse_site, split_edge
 from circuitctl.tasks.data import tokenize_pairs
 from circuitctl.tasks.records import pair_from_record
 
@@ -198,7 +198,7 @@ def test_integrated_gradients_improve_on_attribution_where_the_model_is_nonlinea
     totals = {}
     for steps in (1, 4, 16):
         circuit = find_feature_circuit(ctx, SfcSettings(saes="unused", steps=steps, node_threshold=1e9, batch_size=6), saes)
-        totals[steps] = {site: sum(v for n, v in circuit.nodes.items() if parse_node(n).site == site) for site in ("embed", "resid0")}
+        totals[steps] = {site: sum(v for n, v in circuit.nodes.items() if parse_feature_node(n).site == site) for site in ("embed", "resid0")}
     clean = float(run_metric(model, data, [])[0])
     for site in ("embed", "resid0"):
         corrupt_x = site_outputs(model, data.corrupt, [site])[site]
@@ -268,7 +268,7 @@ def test_edges_are_gradient_times_direct_jacobian_times_delta(nonlinear):
         if down == "logits":  # the logit difference in float64 (the metric itself computes in float32)
             at_answer = logits[torch.arange(data.n), data.answer_positions]
             return (at_answer.gather(1, data.answers) - at_answer.gather(1, data.wrong)).sum()
-        node = parse_node(down)
+        node = parse_feature_node(down)
         sae, x = by_name[node.site], raw[node.site]
         g = grad_x[node.site]
         if node.is_error:
@@ -282,7 +282,7 @@ def test_edges_are_gradient_times_direct_jacobian_times_delta(nonlinear):
     eps = 1e-4
     for name, score in internal + to_logits:
         up, down = split_edge(name)
-        derivative = (downstream_value(parse_node(up), down, eps) - downstream_value(parse_node(up), down, -eps)) / (2 * eps)
+        derivative = (downstream_value(parse_feature_node(up), down, eps) - downstream_value(parse_feature_node(up), down, -eps)) / (2 * eps)
         expected = -float(derivative) / data.n  # importance sign of the logit difference, mean over examples
         assert score == pytest.approx(expected, rel=1e-3, abs=1e-7), name
     assert abs(internal[0][1]) > 1e-3
@@ -324,7 +324,7 @@ def test_pipeline_on_a_planted_model_writes_circuit_and_faithfulness_curve(tmp_p
     import yaml
 
     from circuitctl.cli.app import main
-    from circuitctl.models.planted import build, export
+    from circuitctl.testing.planted import build, export
 
     export(build("mlp_neurons"), tmp_path / "model", tmp_path / "task")
     monkeypatch.chdir(tmp_path)

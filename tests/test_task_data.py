@@ -7,7 +7,7 @@ import json
 import pytest
 
 from circuitctl.errors import UsageError
-from circuitctl.paths import SHIPPED_TASKS
+from circuitctl.resources import SHIPPED_TASKS
 from circuitctl.tasks.catalog import copy_task, generator_names, shipped_task_names
 from circuitctl.tasks.data import task_pairs, tokenize_pairs
 from circuitctl.tasks.records import read_task

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from circuitctl.models import toy_language as lang  # noqa: E402
+from circuitctl.testing import toy_language as lang  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "models" / "toy-gpt"

@@ -17,14 +17,14 @@ console = Console(highlight=False)
 
 @app.command()
 def discover(
-    config: Optional[Path] = typer.Argument(None, help="run config (YAML)"),
+    config: Optional[Path] = typer.Argument(None, help="run config (YAML), or the name of a shipped config (e.g. demo)"),
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. output.dir=runs/x method.name=eap"),
     force: bool = typer.Option(False, "--force", help="replace the files of an existing run directory"),
     rerun: Optional[Path] = typer.Option(None, "--from", help="rerun the config recorded in an earlier run directory"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue an interrupted run (ACDC, path patching, EAP-IG, exact patching, CD-T) from its checkpoint in RUN_DIR"),
 ) -> None:
     """Discover a circuit and write circuit.json, circuit.mib.json, circuit.dot (and .svg)."""
-    from circuitctl.config.load import load_config
+    from circuitctl.config.load import find_config, load_config
 
     if rerun is not None:
         if config is not None:
@@ -34,6 +34,7 @@ def discover(
             raise UsageError(f"--from: '{rerun}' has no config.yaml (not a run directory)")
     if config is None:
         raise UsageError("give a config file (or --from RUN_DIR)")
+    config = find_config(config)
     run_config = load_config(config, overrides or [])
     from circuitctl.runner import discover as run_discovery
 

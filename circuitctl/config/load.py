@@ -16,21 +16,26 @@ from pydantic import ValidationError
 from circuitctl.config.methods import METHODS
 from circuitctl.config.schema import ABLATION_TYPES, METRIC_NAMES, RunConfig
 from circuitctl.errors import UsageError
+from circuitctl.io.yaml_errors import describe_yaml_error
 from circuitctl.registry import closest
 
 _PLACEHOLDER_METHOD = {"name": "exact"}
 
 
-def describe_yaml_error(path: Path, exc: yaml.YAMLError) -> str:
-    """One line naming the file, the line and column, and the problem."""
-    mark = getattr(exc, "problem_mark", None)
-    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    if isinstance(exc, yaml.constructor.ConstructorError) and "tag" in problem:
-        # the safe loader constructs no !!python/... objects: configs are data, never code
-        tag = problem.split("tag", 1)[1].strip().strip("'").replace("tag:yaml.org,2002:", "!!")
-        return f"{path}{where}: YAML tag '{tag}' is not allowed; configs and task specs hold plain data only"
-    return f"{path}: malformed YAML{where}: {problem}"
+def find_config(path: Path) -> Path:
+    """A config file given by path, or a shipped config given by name (``demo``, ``mib/gpt2-ioi-eap-ig``)."""
+    path = Path(path)
+    if path.exists():
+        return path
+    from circuitctl.resources import shipped_config, shipped_config_names
+
+    shipped = shipped_config(str(path))
+    if shipped is not None:
+        return shipped
+    hint = closest(str(path).removesuffix(".yaml"), shipped_config_names())
+    raise UsageError(
+        f"config file '{path}' does not exist" + (f"; did you mean the shipped config '{hint}'?" if hint else "")
+    )
 
 
 def read_yaml(path: Path) -> tuple[Any, dict[tuple, int]]:
@@ -168,7 +173,7 @@ def with_task_metric(config: RunConfig, config_dir: Path | None) -> RunConfig:
     if "metric" in config.model_fields_set:
         return config
     from circuitctl.config.schema import metric_names
-    from circuitctl.paths import SHIPPED_TASKS, resolve_path
+    from circuitctl.resources import SHIPPED_TASKS, resolve_path
     from circuitctl.registry import unknown_name_message
     from circuitctl.tasks.records import read_task_spec
 

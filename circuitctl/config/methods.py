@@ -161,7 +161,7 @@ class SfcSettings(MethodSettings):
     @field_validator("saes")
     @classmethod
     def _site_names(cls, value):
-        from circuitctl.sae.sites import is_site_name
+        from circuitctl.graph.naming import is_site_name
 
         if isinstance(value, dict):
             if not value:

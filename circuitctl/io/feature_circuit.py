@@ -20,7 +20,7 @@ from typing import Any
 from circuitctl.errors import UsageError
 from circuitctl.io.files import write_json
 from circuitctl.sae.circuit import FeatureCircuit
-from circuitctl.sae.sites import LOGITS, parse_node, parse_site, split_edge
+from circuitctl.graph.naming import LOGITS, parse_feature_node, parse_site, split_edge
 
 FORMAT = "circuitctl.feature_circuit"
 SCHEMA_VERSION = 1
@@ -90,7 +90,7 @@ def read_feature_circuit(path: Path) -> tuple[FeatureCircuit, dict[str, Any]]:
             parse_site(site)
         nodes = {n: e.get("score") for n, e in record["nodes"].items() if n != LOGITS}
         for name in nodes:
-            parse_node(name)
+            parse_feature_node(name)
         for name in record["edges"]:
             split_edge(name)
     except (KeyError, ValueError, TypeError, AttributeError) as exc:
@@ -141,7 +141,7 @@ def to_dot(circuit: FeatureCircuit, title: str = "") -> str:
     ]
     by_site: dict[str, list[str]] = {}
     for name in circuit.circuit_nodes:
-        by_site.setdefault(parse_node(name).site, []).append(name)
+        by_site.setdefault(parse_feature_node(name).site, []).append(name)
     for site in circuit.sites:
         members = by_site.get(site, [])
         if not members:
@@ -149,7 +149,7 @@ def to_dot(circuit: FeatureCircuit, title: str = "") -> str:
         kind = parse_site(site).kind
         rows = []
         for name in members:
-            node = parse_node(name)
+            node = parse_feature_node(name)
             text = [name, f"{circuit.nodes.get(name, 0.0):+.3g}"]
             if name in circuit.labels:
                 text.append(circuit.labels[name][:40])

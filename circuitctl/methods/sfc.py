@@ -45,7 +45,7 @@ from circuitctl.models.sae_sites import SiteRunner
 from circuitctl.progress import bar
 from circuitctl.sae.circuit import FeatureCircuit
 from circuitctl.sae.sae import SparseAutoencoder
-from circuitctl.sae.sites import LOGITS, Site, edge_name, error_node, feature_node
+from circuitctl.graph.naming import LOGITS, Site, edge, error_node, feature_node
 from circuitctl.tasks.data import TaskData
 
 MAX_SAVED_NODES = 20_000  # node scores written beyond the circuit's (for threshold curves)
@@ -490,7 +490,7 @@ def assemble(sites, saes, settings: SfcSettings, labels, feature_scores, error_s
             circuit_nodes.append(name)
             nodes[name] = float(flat[index][entry])
     in_circuit = set(circuit_nodes)
-    edges = {edge_name(u, d): s for (u, d), s in edge_scores.items() if u in in_circuit}
+    edges = {edge(u, d): s for (u, d), s in edge_scores.items() if u in in_circuit}
     circuit_edges = [name for name, s in edges.items() if abs(s) > settings.edge_threshold]
     return FeatureCircuit(
         sites=[s.name for s in sites],
@@ -508,12 +508,12 @@ def assemble(sites, saes, settings: SfcSettings, labels, feature_scores, error_s
 
 def top_tokens(runner, saes, data: TaskData, nodes: list[str], tokenizer, batch_size: int, k: int = 3) -> dict[str, str]:
     """For each circuit feature, the tokens that activate it most on the clean prompts."""
-    from circuitctl.sae.sites import parse_node
+    from circuitctl.graph.naming import parse_feature_node
 
     by_name = {s.name: s for s in saes}
     wanted: dict[Site, list[int]] = {}
     for name in nodes:
-        node = parse_node(name)
+        node = parse_feature_node(name)
         if not node.is_error and node.feature not in wanted.setdefault(by_name[node.site], []):
             wanted[by_name[node.site]].append(node.feature)  # type: ignore[arg-type]
     wanted = {site: feats for site, feats in wanted.items() if feats}
@@ -534,7 +534,7 @@ def top_tokens(runner, saes, data: TaskData, nodes: list[str], tokenizer, batch_
                 best[site] = best[site].scatter_reduce(1, index, values, reduce="amax")
     result = {}
     for name in nodes:
-        node = parse_node(name)
+        node = parse_feature_node(name)
         if node.is_error:
             continue
         site = by_name[node.site]

@@ -1,7 +1,7 @@
 """A feature circuit: SAE-feature and error nodes, edges between them, in plain Python.
 
 Moves between discovery (`circuitctl.methods.sfc`), evaluation (`circuitctl.sae.evaluate`) and
-the files (`circuitctl.io.feature_circuit`). Node and edge names follow `circuitctl.sae.sites`.
+the files (`circuitctl.io.feature_circuit`). Node and edge names follow `circuitctl.graph.naming`.
 """
 
 from __future__ import annotations

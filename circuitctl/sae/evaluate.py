@@ -24,7 +24,7 @@ from circuitctl.models.sae_sites import SiteRunner
 from circuitctl.progress import bar
 from circuitctl.sae.circuit import FeatureCircuit
 from circuitctl.sae.sae import SparseAutoencoder
-from circuitctl.sae.sites import Site, parse_node
+from circuitctl.graph.naming import Site, parse_feature_node
 from circuitctl.tasks.data import TaskData
 
 Keep = dict[Site, tuple[torch.Tensor, torch.Tensor]]  # site -> (features [P, d_sae], error [P]) bool
@@ -47,7 +47,7 @@ class FeatureAblator:
         index = {label: i for i, label in enumerate(positions or [])}
         masks = {s: (torch.zeros(self.P, sae.d_sae, dtype=torch.bool), torch.zeros(self.P, dtype=torch.bool)) for s, sae in self.saes.items()}
         for name in nodes:
-            node = parse_node(name)
+            node = parse_feature_node(name)
             if node.site not in by_name:
                 raise UsageError(f"node '{name}': the circuit has no SAE at site {node.site}")
             features, error = masks[by_name[node.site]]

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from circuitctl.errors import UsageError
+from circuitctl.io.yaml_errors import describe_yaml_error
 
 Prompt = Union[str, list[int]]
 Answer = Union[str, int]
@@ -123,8 +124,6 @@ def read_spec(path: Path) -> TaskSpec:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        from circuitctl.config.load import describe_yaml_error
-
         raise UsageError(describe_yaml_error(path, exc)) from exc
     if not isinstance(data, dict):
         raise UsageError(f"{path}: a task spec must be a YAML mapping (name, pairs, ...)")

@@ -52,7 +52,7 @@ from circuitctl.graph.graph import Graph
 from circuitctl.graph.selection import prune
 from circuitctl.methods.base import DiscoveryContext, DiscoveryResult, SweepPoint
 from circuitctl.patching.engine import PatchingEngine
-from circuitctl.patching.incremental import EdgeSearch, IncrementalSearch, LayerwiseSearch
+from circuitctl.methods.acdc.incremental import EdgeSearch, IncrementalSearch, LayerwiseSearch
 from circuitctl.progress import bar
 
 METHOD = "acdc"
@@ -275,7 +275,7 @@ class Search:
 # The method
 # ----------------------------------------------------------------------------------------
 def make_search(context: DiscoveryContext, engine: PatchingEngine, settings: AcdcSettings) -> tuple[EdgeSearch, str]:
-    from circuitctl.models.nodes import NodeComputer, unsupported_reason
+    from circuitctl.methods.acdc.nodes import NodeComputer, unsupported_reason
 
     reason = unsupported_reason(context.adapter.cfg)
     if context.graph.spec.grouped:

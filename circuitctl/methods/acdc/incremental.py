@@ -25,7 +25,7 @@ import torch
 from circuitctl import distributed
 from circuitctl.graph import naming
 from circuitctl.graph.graph import Graph
-from circuitctl.models.nodes import NodeComputer
+from circuitctl.methods.acdc.nodes import NodeComputer
 from circuitctl.patching.engine import BatchState, PatchingEngine, check_finite
 
 DEAD, ANSWER, EVERY = 0, 1, 2  # where a node's output is needed: nowhere, answer positions, every position

@@ -1,6 +1,6 @@
 """Contextual decomposition for transformers (CD-T; Hsu et al. 2024): scores without patching.
 
-Per batch of examples (the decomposition rules live in `circuitctl.models.decomposition`):
+Per batch of examples (the decomposition rules live in `circuitctl.methods.cdt.decomposition`):
 
 1. Node contributions, from the output. Every node is a source (with
    ``per_position``, every node at every position, as the paper's "heads at specific sequence
@@ -40,7 +40,7 @@ from circuitctl.errors import UsageError
 from circuitctl.graph import naming
 from circuitctl.graph.selection import prune
 from circuitctl.methods.base import DiscoveryContext, DiscoveryResult
-from circuitctl.models.decomposition import Decomposer, FullRun
+from circuitctl.methods.cdt.decomposition import Decomposer, FullRun
 from circuitctl.patching.engine import BatchState
 from circuitctl.progress import bar
 from circuitctl.tasks.data import TaskData

@@ -45,7 +45,7 @@ from circuitctl.errors import UsageError
 from circuitctl.graph import naming
 from circuitctl.graph.graph import Graph
 from circuitctl.methods.base import DiscoveryContext, DiscoveryResult
-from circuitctl.models.path_patching import NodePatch, PathEdge, PathPatcher, Source, check_supported
+from circuitctl.methods.path_patching.patcher import NodePatch, PathEdge, PathPatcher, Source, check_supported
 from circuitctl.progress import bar
 from circuitctl.tasks.data import TaskData
 
