@@ -24,7 +24,7 @@ from circuitctl.config.methods import AcdcSettings
 from circuitctl.config.schema import AblationConfig
 from circuitctl.errors import InterruptedRun, UsageError
 from circuitctl.graph import naming
-from circuitctl.graph.selection import prune
+from circuitctl.graph.pruning import prune
 from circuitctl.methods import acdc
 from circuitctl.methods.base import DiscoveryContext
 from circuitctl.metrics.metrics import METRICS

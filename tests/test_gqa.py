@@ -18,7 +18,7 @@ from circuitctl.config.methods import EapIgSettings, EapSettings, ExactSettings
 from circuitctl.config.schema import AblationConfig
 from circuitctl.graph import naming
 from circuitctl.graph.graph import Graph, GraphSpec
-from circuitctl.graph.selection import nodes_in, prune
+from circuitctl.graph.pruning import nodes_in, prune
 from circuitctl.io.graphviz import to_dot
 from circuitctl.methods import eap, eap_ig, exact
 from circuitctl.methods.base import DiscoveryContext

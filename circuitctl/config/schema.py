@@ -83,6 +83,11 @@ class SelectionConfig(Section):
     fraction: Optional[float] = Field(None, gt=0, le=1)
     absolute: bool = Field(True, description="rank by |score| (else by signed score)")
     prune: bool = Field(True, description="drop edges with no path from input or to logits")
+    reselect: bool = Field(
+        False,
+        description="apply top_n / threshold / fraction also to methods that choose their own circuit "
+        "(acdc, path_patching, cdt, sfc): re-select their units by score",
+    )
 
     @model_validator(mode="after")
     def _at_most_one(self):

@@ -17,8 +17,13 @@ CHANNEL_COLOURS = {"q": "#7b3294", "k": "#1a9641", "v": "#e66101"}  # purple, gr
 POSITIVE, NEGATIVE = "#2c5d8f", "#c0392b"
 
 
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', r"\"") + '"'
+def quote(text: str) -> str:
+    """A Graphviz double-quoted string: backslashes and quotes escaped, line breaks as spaces."""
+    text = str(text).replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + text.replace("\r", " ").replace("\n", " ") + '"'
+
+
+_quote = quote
 
 
 def _layer_of(name: str, n_layers: int) -> int:

@@ -50,7 +50,6 @@ from circuitctl.methods import eap
 from circuitctl.methods.base import DiscoveryContext, DiscoveryResult
 from circuitctl.models.gradients import GradientPass, Replacement, gradient_pass
 from circuitctl.patching.engine import PatchingEngine
-from circuitctl.patching.units import NeuronAblation
 from circuitctl.progress import bar
 from circuitctl.tasks.data import TaskData
 
@@ -111,13 +110,10 @@ def discover(context: DiscoveryContext, settings: EapIgSettings) -> DiscoveryRes
     graph = context.graph
     pgraph = None
     if settings.positions == "per_token":
-        from circuitctl.graph.positional import PositionalGraph, PositionLayout
+        from circuitctl.graph.positional import PositionalGraph
 
-        pgraph = PositionalGraph.from_data(graph, PositionLayout.from_data(context.data), context.data)
+        pgraph = PositionalGraph.from_data(graph, context.data, "method.positions: per_token")
     extra: dict = {"variant": settings.variant, "steps": settings.steps, "points": settings.points}
-    if settings.granularity != "edge" or pgraph is not None:
-        # the runner evaluates and writes these circuits through circuitctl.graph.units
-        extra["units"] = {"granularity": settings.granularity, "positions": pgraph.to_dict() if pgraph is not None else None}
     n_forward = _forward_passes(context, settings)
     sign = context.metric.importance_sign
     engine = context.engine(settings.batch_size)
@@ -127,17 +123,24 @@ def discover(context: DiscoveryContext, settings: EapIgSettings) -> DiscoveryRes
         edges = sign * (sums.cpu() * graph.edge_mask) / context.data.n  # as eap.attribution_scores
     else:
         sums = _batch_sums(context, settings, _gradient_block(context, settings, pgraph, engine, zeros), zeros)
+        scores = (sign * sums / context.data.n).cpu()
         if settings.granularity == "neuron":
-            return DiscoveryResult(scores=(sign * sums / context.data.n).cpu(), forward_passes=n_forward, extra=extra)
+            from circuitctl.circuits.neurons import NeuronSpace
+
+            return DiscoveryResult(scores, space=NeuronSpace(graph, context.adapter.cfg.d_mlp), forward_passes=n_forward, extra=extra)
         if pgraph is not None:
-            scores = (sign * sums / context.data.n).cpu() * pgraph.edge_mask
-            if settings.granularity == "node":
-                scores = scores.sum(dim=(1, 3))  # [G, U]: a node's outgoing edges to every position
-            return DiscoveryResult(scores=scores, forward_passes=n_forward, extra=extra)
-        edges = (sign * sums / context.data.n).cpu() * graph.edge_mask
+            from circuitctl.circuits.positional import PositionalEdgeSpace, PositionalNodeSpace
+
+            scores = scores * pgraph.edge_mask
+            if settings.granularity == "node":  # [G, U]: a node's outgoing edges to every position
+                return DiscoveryResult(scores.sum(dim=(1, 3)), space=PositionalNodeSpace(pgraph), forward_passes=n_forward, extra=extra)
+            return DiscoveryResult(scores, space=PositionalEdgeSpace(pgraph), forward_passes=n_forward, extra=extra)
+        edges = scores * graph.edge_mask
     if settings.granularity == "node":
-        return DiscoveryResult(scores=edges.sum(1), forward_passes=n_forward, extra=extra)
-    return DiscoveryResult(scores=edges, forward_passes=n_forward, extra=extra)
+        from circuitctl.circuits.nodes import NodeSpace
+
+        return DiscoveryResult(edges.sum(1), space=NodeSpace(graph), forward_passes=n_forward, extra=extra)
+    return DiscoveryResult(edges, forward_passes=n_forward, extra=extra)
 
 
 def _steps_per_pass(settings: EapIgSettings, batch_size: int, device: torch.device) -> int:
@@ -329,7 +332,9 @@ def _gradient_block(context: DiscoveryContext, settings: EapIgSettings, pgraph, 
     device = adapter.device
     neurons = settings.granularity == "neuron"
     G = pgraph.n_groups if pgraph is not None else 0
-    ablation_source = NeuronAblation(adapter, context.data, context.ablation, settings.batch_size) if neurons else None
+    from circuitctl.circuits.neurons import NeuronAblation
+
+    ablation_source = NeuronAblation(engine, adapter.cfg.d_mlp) if neurons else None
     kv = pgraph.kv_inputs.to(device) if G else None
     weight = 1.0 / settings.steps
 

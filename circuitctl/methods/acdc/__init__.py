@@ -13,7 +13,7 @@ The algorithm, as in the reference implementation (`acdc/TLACDCExperiment.py`):
   difference), where ``m(current)`` is the metric of the circuit with every removal so far.
   If ``change`` (or ``|change|`` with ``absolute``) is below ``tau`` the edge stays removed
   and ``m(current) = m(new)``; otherwise it is restored.
-* Tree-shaking afterwards (`circuitctl.graph.selection.prune`).
+* Tree-shaking afterwards (`circuitctl.graph.pruning.prune`).
 
 Scores: each tested edge's ``change`` (untested edges: 0), so ACDC circuits rank and
 evaluate like every other method's.
@@ -49,7 +49,7 @@ from circuitctl.config.methods import AcdcSettings
 from circuitctl.errors import UsageError
 from circuitctl.graph import naming
 from circuitctl.graph.graph import Graph
-from circuitctl.graph.selection import prune
+from circuitctl.graph.pruning import prune
 from circuitctl.methods.base import DiscoveryContext, DiscoveryResult, SweepPoint
 from circuitctl.patching.engine import PatchingEngine
 from circuitctl.methods.acdc.incremental import EdgeSearch, IncrementalSearch, LayerwiseSearch

@@ -38,7 +38,7 @@ from circuitctl.checkpoint import Autosave
 from circuitctl.config.methods import CdtSettings
 from circuitctl.errors import UsageError
 from circuitctl.graph import naming
-from circuitctl.graph.selection import prune
+from circuitctl.graph.pruning import prune
 from circuitctl.methods.base import DiscoveryContext, DiscoveryResult
 from circuitctl.methods.cdt.decomposition import Decomposer, FullRun
 from circuitctl.patching.engine import BatchState

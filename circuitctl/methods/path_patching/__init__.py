@@ -22,9 +22,11 @@ the behaviour, so patching it hurts):
 
 Relative thresholds and top_k never keep a path below 1% of the total effect (the gap).
 
-The result is projected onto the ordinary edge graph (score of the position with the largest
-|score|; an edge is in the circuit when it is at any position), and the positional circuit is
-written beside it (``circuit.positions.json`` and a Graphviz drawing grouped by position).
+Positions are the task's single-token position groups (`circuitctl.graph.positions`: its labels
+and ``end``, or every token of equal-length prompts; the unlabelled tokens of ``other`` never
+send). The result is a per-position edge circuit (`circuitctl.circuits.positional`): every
+tested path's score at its (sender position, receiver position), the kept paths as the circuit;
+its MIB file is the projection onto the ordinary edge graph.
 
 Long searches save their progress after whole receivers, every `checkpoint_every_seconds` and
 on Ctrl-C; ``circuitctl discover CONFIG --resume RUN_DIR`` continues with the next receiver and
@@ -47,65 +49,13 @@ from circuitctl.graph.graph import Graph
 from circuitctl.methods.base import DiscoveryContext, DiscoveryResult
 from circuitctl.methods.path_patching.patcher import NodePatch, PathEdge, PathPatcher, Source, check_supported
 from circuitctl.progress import bar
-from circuitctl.tasks.data import TaskData
+from circuitctl.graph.positions import PositionLayout
 
 METHOD = "path_patching"
-POSITIONS_FILE = "circuit.positions.json"
-POSITIONS_DRAWING = "circuit.positions.dot"
 NEGLIGIBLE = 0.01  # top_k and relative thresholds never keep paths below this fraction of the total effect
 
 # evaluate(circuit, sources, description) -> [K] dataset-mean metric with each source patched
 Evaluator = Callable[[Sequence[PathEdge], Sequence[Source], str], torch.Tensor]
-
-
-# ----------------------------------------------------------------------------------------
-# Token positions
-# ----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Slots:
-    """The token positions nodes live at: task labels, or indices when the task has none."""
-
-    names: tuple[str, ...]
-    answer: int  # the slot of the answer position (where the logits are read)
-    by_label: bool
-
-    def index(self, batch: TaskData) -> torch.Tensor:
-        """[S, B] token index of every slot in every example of `batch`."""
-        if not self.by_label:
-            return torch.arange(len(self.names))[:, None].expand(-1, batch.n).to(batch.lengths.device)
-        rows = [batch.positions[name] if name in batch.positions else batch.answer_positions for name in self.names]
-        return torch.stack(rows)
-
-
-def position_slots(data: TaskData) -> Slots:
-    """Slots from the task's position labels (plus 'answer' if no label marks it), else indices."""
-    if data.positions:
-        for label in data.positions:
-            if not label or any(ch in label for ch in "<>@ "):
-                raise UsageError(f"task position label {label!r} cannot be used in node names (no '<', '>', '@' or spaces)")
-        names = sorted(data.positions, key=lambda name: (float(data.positions[name].float().mean()), name))
-        answer = next((i for i, name in enumerate(names) if torch.equal(data.positions[name], data.answer_positions)), None)
-        if answer is None:
-            names.append("answer")
-            answer = len(names) - 1
-        slots = Slots(tuple(names), answer, True)
-        index = slots.index(data)
-        for i in range(len(names)):
-            for j in range(i):
-                same = (index[i] == index[j]).nonzero().flatten()
-                if len(same):
-                    raise UsageError(
-                        f"method 'path_patching': positions '{names[j]}' and '{names[i]}' are the same token in pair "
-                        f"{int(same[0])}; positional nodes need a distinct token per label"
-                    )
-        return slots
-    if not bool((data.lengths == data.lengths[0]).all()):
-        raise UsageError(
-            "method 'path_patching': the prompts have different token lengths and the task has no position "
-            "labels, so positions cannot be matched across examples; add 'positions' (e.g. {S1: 2, end: -1}) to the pairs"
-        )
-    length = int(data.lengths[0])
-    return Slots(tuple(str(i) for i in range(length)), length - 1, False)
 
 
 # ----------------------------------------------------------------------------------------
@@ -115,7 +65,7 @@ def position_slots(data: TaskData) -> Slots:
 class PositionalCircuit:
     """What the search found: every tested path's score and the kept ones."""
 
-    slots: Slots
+    slots: PositionLayout  # path senders and receivers sit at its single-token groups
     scores: dict[PathEdge, float] = field(default_factory=dict)  # every tested path
     kept: list[PathEdge] = field(default_factory=list)
     effects: dict[tuple[int, int], float] = field(default_factory=dict)  # expanded receiver -> effect(R)
@@ -154,7 +104,7 @@ def candidate_paths(graph: Graph, receiver: tuple[int, int], allowed: list[bool]
     return paths
 
 
-def start_search(graph: Graph, slots: Slots) -> tuple[PositionalCircuit, list[tuple[int, int]]]:
+def start_search(graph: Graph, slots: PositionLayout) -> tuple[PositionalCircuit, list[tuple[int, int]]]:
     """An empty circuit and the frontier holding the root: the logits at the answer position."""
     found = PositionalCircuit(slots)
     root = (graph.n_upstream, slots.answer)
@@ -164,7 +114,7 @@ def start_search(graph: Graph, slots: Slots) -> tuple[PositionalCircuit, list[tu
 
 def grow_circuit(
     graph: Graph,
-    slots: Slots,
+    slots: PositionLayout,
     slot_index: torch.Tensor,
     settings: PathPatchingSettings,
     evaluate: Evaluator,
@@ -183,7 +133,7 @@ def grow_circuit(
     """
     # keys and values are read at positions up to the query: a slot after the receiver's in
     # every example cannot send into its k or v
-    earlier = [[s for s in range(len(slots.names)) if bool((slot_index[s] <= slot_index[r]).any())] for r in range(len(slots.names))]
+    earlier = [[s for s in range(slots.n_single) if bool((slot_index[s] <= slot_index[r]).any())] for r in range(slots.n_single)]
     allowed = _allowed_senders(graph, settings.node_types)
     result, frontier = start if start is not None else start_search(graph, slots)
     root = (graph.n_upstream, slots.answer)
@@ -280,7 +230,7 @@ class Progress:
         return state, tensors
 
     @staticmethod
-    def restore(state: dict, tensors: dict, slots: Slots) -> tuple[PositionalCircuit, list[tuple[int, int]]]:
+    def restore(state: dict, tensors: dict, slots: PositionLayout) -> tuple[PositionalCircuit, list[tuple[int, int]]]:
         """The circuit and frontier saved by `to_checkpoint` (scores in their original order)."""
         paths = [PathEdge(*row) for row in tensors["paths"].tolist()]
         found = PositionalCircuit(
@@ -303,7 +253,7 @@ def _path_table(paths: list[PathEdge]) -> torch.Tensor:
 class _Saver:
     """The search's latest `Progress`, saved to the run's checkpoint (see `Autosave`)."""
 
-    def __init__(self, context: DiscoveryContext, settings: PathPatchingSettings, slots: Slots) -> None:
+    def __init__(self, context: DiscoveryContext, settings: PathPatchingSettings, slots: PositionLayout) -> None:
         self.autosave = Autosave(context.checkpoint, METHOD, settings.checkpoint_every_seconds, self.snapshot)
         loaded = self.autosave.load(context.resume)
         self.found, frontier = Progress.restore(*loaded, slots) if loaded else start_search(context.graph, slots)
@@ -322,7 +272,7 @@ class _Saver:
 # The batched evaluator
 # ----------------------------------------------------------------------------------------
 def batched_evaluator(
-    context: DiscoveryContext, slots: Slots, batch_size: int, senders_per_pass: int
+    context: DiscoveryContext, slots: PositionLayout, batch_size: int, senders_per_pass: int
 ) -> tuple[Evaluator, float, torch.Tensor]:
     """An evaluator that patches `senders_per_pass` sources per forward (K copies of each batch),
     the clean metric, and which sender outputs change under ablation ([U, S] bool)."""
@@ -352,66 +302,31 @@ def batched_evaluator(
 
 
 # ----------------------------------------------------------------------------------------
-# Naming, projection and output
+# Names and the per-position circuit
 # ----------------------------------------------------------------------------------------
-def _node_name(graph: Graph, node: tuple[int, int], slots: Slots) -> str:
+def _node_name(graph: Graph, node: tuple[int, int], slots: PositionLayout) -> str:
     base = naming.LOGITS if node[0] == graph.n_upstream else graph.upstream[node[0]]
     return f"{base}@{slots.names[node[1]]}"
 
 
-def path_name(graph: Graph, path: PathEdge, slots: Slots) -> str:
-    """``a0.h0@S1->a1.h0@end<k>``: the sender at its position, the receiver's input at the receiver's."""
-    receiver = naming.parse_node(graph.downstream[path.receiver_input])
-    channel = f"<{receiver.channel}>" if receiver.channel else ""
-    sender = f"{graph.upstream[path.sender]}@{slots.names[path.sender_slot]}"
-    return naming.edge(sender, f"{receiver.base}@{slots.names[path.receiver_slot]}{channel}")
-
-
-def project(graph: Graph, found: PositionalCircuit) -> tuple[torch.Tensor, torch.Tensor]:
-    """Edge scores (the position with the largest |score|) and membership (kept at any position)."""
-    scores = torch.zeros(graph.n_upstream, graph.n_downstream, dtype=torch.float32)
+def positional_scores(pgraph, found: PositionalCircuit) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores and membership [G, G, U, V] of the per-position graph: every tested path, the kept ones."""
+    scores = torch.zeros(pgraph.edge_mask.shape, dtype=torch.float32)
+    membership = torch.zeros(pgraph.edge_mask.shape, dtype=torch.bool)
     for path, score in found.scores.items():
-        if abs(score) > abs(float(scores[path.sender, path.receiver_input])):
-            scores[path.sender, path.receiver_input] = score
-    membership = torch.zeros(graph.n_upstream, graph.n_downstream, dtype=torch.bool)
+        scores[path.sender_slot, path.receiver_slot, path.sender, path.receiver_input] = score
     for path in found.kept:
-        membership[path.sender, path.receiver_input] = True
+        membership[path.sender_slot, path.receiver_slot, path.sender, path.receiver_input] = True
     return scores, membership
 
 
-def positional_record(graph: Graph, found: PositionalCircuit, settings: PathPatchingSettings, clean_value: float, metric: str) -> dict:
-    """The position-aware circuit as JSON: nodes and edges named with their positions."""
-    slots = found.slots
-    kept = set(found.kept)
-    nodes = {}
-    for node, depth in sorted(found.depth.items(), key=lambda item: (-item[0][0], item[0][1])):
-        effect = found.effects.get(node)
-        nodes[_node_name(graph, node, slots)] = {"in_graph": True, "depth": depth, "effect": effect}
-    for path in found.kept:
-        if graph.upstream[path.sender] == naming.INPUT:
-            nodes.setdefault(_node_name(graph, (path.sender, path.sender_slot), slots), {"in_graph": True, "depth": None, "effect": None})
-    edges = {
-        path_name(graph, path, slots): {"score": score, "in_graph": path in kept}
-        for path, score in sorted(found.scores.items(), key=lambda item: -abs(item[1]))
-    }
-    return {
-        "format": "circuitctl.positional_circuit",
-        "schema_version": 1,
-        "graph": graph.spec.to_dict(),
-        "method": settings.model_dump(mode="json"),
-        "metric": metric,
-        "positions": {"names": list(slots.names), "answer": slots.names[slots.answer], "named_by": "label" if slots.by_label else "index"},
-        "metric_clean": clean_value,
-        "total_effect": found.total_effect,
-        "path_patches": found.n_patches,
-        "nodes": nodes,
-        "edges": edges,
-    }
-
-
 def discover(context: DiscoveryContext, settings: PathPatchingSettings) -> DiscoveryResult:
+    from circuitctl.circuits.positional import PositionalEdgeSpace
+    from circuitctl.graph.positional import PositionalGraph
+
     graph = context.graph
-    slots = position_slots(context.data)
+    pgraph = PositionalGraph.from_data(graph, context.data, "method 'path_patching'")
+    slots = pgraph.layout
     evaluate, clean_value, changed = batched_evaluator(context, slots, settings.batch_size, settings.senders_per_pass)
     slot_index = slots.index(context.data)
     saver = _Saver(context, settings, slots)
@@ -424,23 +339,24 @@ def discover(context: DiscoveryContext, settings: PathPatchingSettings) -> Disco
         if context.checkpoint is None:
             raise
         raise saver.autosave.interrupted("path patching") from None
-    scores, membership = project(graph, found)
-    record = positional_record(graph, found, settings, clean_value, context.metric.name)
-    from circuitctl.io.positional_graphviz import to_positional_dot
-
-    n_kept = len(found.kept)
-    title = f"path patching | {n_kept} positional edges | {settings.threshold_mode} threshold {settings.threshold:g}"
+    scores, membership = positional_scores(pgraph, found)
+    receivers = {
+        _node_name(graph, node, slots): {"depth": found.depth.get(node), "effect": effect}
+        for node, effect in sorted(found.effects.items(), key=lambda item: (-item[0][0], item[0][1]))
+    }
     return DiscoveryResult(
         scores=scores,
         membership=membership,
+        space=PositionalEdgeSpace(pgraph),
         forward_passes=2.0 + found.n_patches,
         extra={
             "path_patching": {
-                "positional_edges_kept": n_kept,
+                "positional_edges_kept": len(found.kept),
                 "paths_tested": len(found.scores),
                 "receivers_expanded": len(found.effects),
                 "total_effect": found.total_effect,
+                "metric_clean": clean_value,
+                "receivers": receivers,
             }
         },
-        files={POSITIONS_FILE: record, POSITIONS_DRAWING: to_positional_dot(record, title)},
     )

@@ -243,7 +243,7 @@ class PathPatcher:
     def _project(self, layer: int, h: int, channel: int, deltas: dict[int, torch.Tensor] | None, K: int) -> torch.Tensor:
         """[K, B, P, d_head] pre-rotary q, k or v of head h with input changes {slot: [K, B, d]}.
 
-        Slots are distinct tokens in every example (`position_slots` checks it), so each changed
+        Slots are distinct tokens in every example (`PositionLayout.from_data` checks it), so each changed
         row is recomputed on its own from the clean residual plus its change."""
         clean = self._clean_qkv(layer)[channel, :, :, h]  # [B, P, d_head]
         if not deltas:

@@ -1,38 +1,12 @@
-"""Choosing a circuit from edge scores: top-n, threshold or fraction, then tree-shaking."""
+"""Tree-shaking an edge circuit (ACDC's), and the nodes it touches."""
 
 from __future__ import annotations
-
-import math
 
 import networkx as nx
 import torch
 
-from circuitctl.config.schema import SelectionConfig
 from circuitctl.graph import naming
 from circuitctl.graph.graph import Graph
-from circuitctl.metrics.faithfulness import top_edges
-
-DEFAULT_TOP_N = 100
-
-
-def select(scores: torch.Tensor, graph: Graph, config: SelectionConfig, native: torch.Tensor | None = None) -> torch.Tensor:
-    """Bool [U, V] circuit membership.
-
-    Without an explicit rule, a method's own circuit (`native`, e.g. ACDC's) is used, else
-    the top 100 edges.
-    """
-    if config.is_default and native is not None:
-        membership = native & graph.edge_mask
-    elif config.threshold is not None:
-        key = scores.abs() if config.absolute else scores
-        membership = (key >= config.threshold) & graph.edge_mask
-    else:
-        if config.fraction is not None:
-            k = math.ceil(config.fraction * graph.n_edges)
-        else:
-            k = config.top_n or DEFAULT_TOP_N
-        membership = top_edges(scores, graph.edge_mask, min(k, graph.n_edges), config.absolute)
-    return prune(membership, graph) if config.prune else membership
 
 
 def prune(membership: torch.Tensor, graph: Graph) -> torch.Tensor:
