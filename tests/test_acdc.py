@@ -338,7 +338,7 @@ def test_a_tau_list_writes_one_circuit_per_value(planted_world):
     assert [p["tau"] for p in table["points"]] == [0.5, 2.0]
     for row in summary.sweep:
         single = _run(write_config(f"single-{row['tau']}", row["tau"]))
-        assert row["n_edges_in_circuit"] == single.n_edges_in_circuit
+        assert row["n_in_circuit"] == single.n_in_circuit
         assert row["faithfulness"] == pytest.approx(single.faithfulness)
         swept = json.loads((root / "sweep" / row["label"] / "circuit.json").read_text())
         alone = json.loads((root / f"single-{row['tau']}" / "circuit.json").read_text())

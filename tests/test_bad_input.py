@@ -77,7 +77,8 @@ def world(tmp_path_factory) -> World:
     from circuitctl.config.load import load_config
     from circuitctl.evaluation import evaluate_faithfulness
     from circuitctl.graph.graph import Graph, GraphSpec
-    from circuitctl.io.circuit_file import write_circuit
+    from circuitctl.circuits.edges import EdgeSpace
+    from circuitctl.circuits.record import circuit_record, write_circuit_file
     from circuitctl.testing import planted
     from circuitctl.runner import discover
 
@@ -119,7 +120,8 @@ def world(tmp_path_factory) -> World:
     other_circuit = root / "other" / "circuit.json"
     other_circuit.parent.mkdir()
     empty = torch.zeros(other.n_upstream, other.n_downstream)
-    write_circuit(other_circuit, other, empty, empty.bool(), {})
+    space = EdgeSpace(other)
+    write_circuit_file(other_circuit, circuit_record({}, other.spec.to_dict(), space.info(), space.entries(empty, empty.bool())))
     foreign_mib = root / "foreign.mib.json"
     foreign_mib.write_text(
         json.dumps({"cfg": {"n_layers": 1, "n_heads": 3}, "nodes": {}, "edges": {"a3.h0->logits": {"score": 1.0, "in_graph": True}}})

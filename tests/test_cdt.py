@@ -231,7 +231,7 @@ def test_discover_end_to_end_writes_the_native_circuit(tmp_path):
     }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
     summary = discover(load_config(tmp_path / "cfg.yaml"), tmp_path)
-    assert summary.n_edges_in_circuit == len(pc.true_edges)
+    assert summary.n_in_circuit == len(pc.true_edges)
     assert summary.faithfulness == pytest.approx(1.0, abs=1e-4)
     circuit = json.loads((tmp_path / "run" / "circuit.json").read_text())
     assert circuit["results"]["node_scores"]["a0.h0"] == pytest.approx(10.0, abs=1e-3)

@@ -14,14 +14,15 @@ from helpers import edge_auc, planted_context
 from circuitctl.config.methods import METHODS, EapIgSettings, EapSettings, ExactSettings
 from circuitctl.config.schema import AblationConfig
 from circuitctl.errors import UsageError
-from circuitctl.graph.units import NeuronView, NodeView
+from circuitctl.circuits.neurons import NeuronSpace
+from circuitctl.circuits.nodes import NodeSpace
 from circuitctl.methods import eap, eap_ig, exact
 from circuitctl.methods.base import DiscoveryContext
 from circuitctl.metrics.faithfulness import top_edges
 from circuitctl.metrics.metrics import METRICS
 from circuitctl.models.adapter import ModelAdapter
 from circuitctl.testing.planted import PLANTED_NEURONS, build, export
-from circuitctl.patching.units import UnitEvaluator
+from circuitctl.circuits.evaluator import CircuitEvaluator
 from circuitctl.tasks.data import TaskData
 
 VARIANTS = ("inputs", "activations")
@@ -125,15 +126,15 @@ def test_neuron_attribution_finds_the_planted_neurons(variant):
     # the rest carry (numerically) nothing
     others = [i for i in range(scores.shape[1]) if i not in planted]
     assert float(scores[0, others].abs().max()) < 1e-4 * float(scores.abs().max())
-    assert result.extra["units"]["granularity"] == "neuron"
+    assert result.space.kind == "neuron"
 
 
 def test_neuron_scores_match_exact_neuron_ablation_where_the_readout_is_linear():
     """Downstream of hook_post this model is linear, so delta x gradient is each neuron's exact effect."""
     _, context = planted_context("mlp_neurons")
     scores = eap_ig.discover(context, EapIgSettings(granularity="neuron", steps=2)).scores
-    view = NeuronView(context.graph, context.adapter.cfg.d_mlp)
-    evaluator = UnitEvaluator(view, context.adapter, context.data, context.metric, context.ablation, 24)
+    view = NeuronSpace(context.graph, context.adapter.cfg.d_mlp)
+    evaluator = CircuitEvaluator(view, context.adapter, context.data, context.metric, context.ablation, 24)
     keep = view.mask[None].repeat(view.n_total, 1, 1)
     for k, (layer, i) in enumerate(view.mask.nonzero().tolist()):
         keep[k, layer, i] = False
@@ -149,8 +150,8 @@ def test_node_scores_sum_the_outgoing_edges_and_match_node_ablation_on_a_linear_
     edges = eap_ig.discover(context, EapIgSettings(variant=variant, steps=3)).scores
     nodes = eap_ig.discover(context, EapIgSettings(variant=variant, steps=3, granularity="node")).scores
     assert torch.allclose(nodes, edges.sum(1), atol=1e-5)
-    view = NodeView(context.graph)
-    evaluator = UnitEvaluator(view, context.adapter, context.data, context.metric, context.ablation, 24)
+    view = NodeSpace(context.graph)
+    evaluator = CircuitEvaluator(view, context.adapter, context.data, context.metric, context.ablation, 24)
     full, _ = evaluator.full_and_empty()
     keep = ~torch.eye(view.n_total, dtype=torch.bool)
     effects = -(evaluator.circuit_values(keep) - full)
@@ -211,15 +212,15 @@ def test_discover_and_evaluate_node_and_neuron_circuits(mlp_neurons_dir, granula
     config = load_config(config_path, [])
     summary = discover(config, work)
     run = summary.run_dir
-    assert summary.n_edges_in_circuit == top_n and summary.faithfulness == pytest.approx(1.0, abs=1e-4)
+    assert summary.n_in_circuit == top_n and summary.faithfulness == pytest.approx(1.0, abs=1e-4)
     record = json.loads((run / "circuit.json").read_text())
-    assert record["granularity"] == granularity
+    assert record["space"]["kind"] == granularity
     kept = {name for name, entry in record[unit_key].items() if entry["in_graph"] and name != "logits"}
     assert kept == ({"m0.n3", "m0.n7"} if granularity == "neuron" else {"input", "a0.h0", "m0"})
     assert record["results"]["faithfulness"] == pytest.approx(1.0, abs=1e-4)
     assert (run / "circuit.dot").is_file() and "m0" in (run / "circuit.dot").read_text()
     assert (run / "circuit.mib.json").is_file() == (granularity == "node")
-    report, _ = evaluate_faithfulness(run, config, work, run, known_edges=sorted(kept))
+    report, _ = evaluate_faithfulness(run, config, work, run, known=sorted(kept))
     saved = json.loads((run / "faithfulness.json").read_text())
     assert saved["unit"] == unit_key
     assert report.faithfulness == pytest.approx(1.0, abs=1e-4)

@@ -261,8 +261,6 @@ def test_interrupted_method_resumes_to_the_same_circuit(acdc_world, method, how,
     expected = comparable(reference)
     assert len(calls) == work_left(method, expected, saved)  # the finished work was not done again
     assert comparable(run) == expected  # edges, scores, membership, metrics, counts
-    if method == "path_patching":
-        assert (run / "circuit.positions.json").read_text() == (reference / "circuit.positions.json").read_text()
     assert not (run / "checkpoint").exists()
 
 

@@ -69,9 +69,15 @@ def random_context(seed: int, **overrides):
     return model, DiscoveryContext(adapter, data, LOGIT_DIFF, AblationConfig())
 
 
+def positional_graph(context):
+    from circuitctl.graph.positional import PositionalGraph
+
+    return PositionalGraph.from_data(context.graph, context.data, "method 'path_patching'")
+
+
 def run_search(context, settings, evaluator=None):
     """The search with the batched evaluator (or a given one); returns the positional circuit."""
-    slots = pp.position_slots(context.data)
+    slots = positional_graph(context).layout
     batched, clean_value, changed = pp.batched_evaluator(context, slots, settings.batch_size, settings.senders_per_pass)
     return pp.grow_circuit(
         context.graph, slots, slots.index(context.data), settings, evaluator or batched, clean_value, LOGIT_DIFF.importance_sign, changed
@@ -79,11 +85,15 @@ def run_search(context, settings, evaluator=None):
 
 
 def kept_names(context, found) -> set[str]:
-    return {pp.path_name(context.graph, path, found.slots) for path in found.kept}
+    pgraph = positional_graph(context)
+    return {pgraph.edge_name(p.sender_slot, p.receiver_slot, p.sender, p.receiver_input) for p in found.kept}
 
 
 def projected_edges(context, found) -> set[str]:
-    _, membership = pp.project(context.graph, found)
+    from circuitctl.circuits.positional import project
+
+    pgraph = positional_graph(context)
+    _, membership = project(pgraph, *pp.positional_scores(pgraph, found))
     return set(context.graph.mask_to_edges(membership))
 
 
@@ -106,7 +116,7 @@ class PlainPathPatching:
             self.model.set_use_hook_mlp_in(True)
         self.graph = context.graph
         self.data = context.data
-        self.slots = pp.position_slots(context.data)
+        self.slots = positional_graph(context).layout
         self.index = self.slots.index(context.data)
         self.rows = torch.arange(context.data.n)
         with torch.no_grad():
@@ -225,10 +235,10 @@ class PlainPathPatching:
 # Planted circuits
 # ----------------------------------------------------------------------------------------
 EXPECTED = {
-    "copy_first": {"a0.h0@5->logits@5", "input@0->a0.h0@5<v>"},
-    "v_composition": {"a1.h0@5->logits@5", "a0.h0@1->a1.h0@5<v>", "input@0->a0.h0@1<v>"},
-    "mlp_neurons": {"m0@5->logits@5", "a0.h0@5->m0@5", "input@0->a0.h0@5<v>"},
-    "layernorm_mlp": {"a1.h0@5->logits@5", "m0@1->a1.h0@5<v>", "a0.h0@1->m0@1", "input@0->a0.h0@1<v>"},
+    "copy_first": {"a0.h0@end->logits@end", "input@t0->a0.h0@end<v>"},
+    "v_composition": {"a1.h0@end->logits@end", "a0.h0@t1->a1.h0@end<v>", "input@t0->a0.h0@t1<v>"},
+    "mlp_neurons": {"m0@end->logits@end", "a0.h0@end->m0@end", "input@t0->a0.h0@end<v>"},
+    "layernorm_mlp": {"a1.h0@end->logits@end", "m0@t1->a1.h0@end<v>", "a0.h0@t1->m0@t1", "input@t0->a0.h0@t1<v>"},
 }
 
 
@@ -247,7 +257,7 @@ def test_k_composition_through_an_earlier_key_position():
     at the position after the first occurrence (B1), not at the query position (end)."""
     pc, _, context = planted_context("induction_soft", labelled=True)
     found = run_search(context, PathPatchingSettings(threshold=0.1))
-    assert found.slots.names == ("A1", "B1", "end")
+    assert found.slots.names == ("A1", "B1", "end", "other") and found.slots.n_single == 3  # other: never a sender
     assert kept_names(context, found) == {"a1.h0@end->logits@end", "a0.h0@B1->a1.h0@end<k>", "input@A1->a0.h0@B1<v>"}
     assert projected_edges(context, found) == set(pc.true_edges)
     key_path = next(p for p in found.kept if context.graph.downstream[p.receiver_input] == "a1.h0<k>")
@@ -256,7 +266,7 @@ def test_k_composition_through_an_earlier_key_position():
     assert found.scores[key_path] == pytest.approx(found.total_effect, rel=1e-3)
 
 
-def test_unlabelled_positions_are_named_by_index():
+def test_unlabelled_positions_are_named_by_token_index():
     """Without labels the k-composition lands at whichever index holds B1 in each example:
     one kept key path per index, each fed by the previous-token head reading the index before."""
     pc, _, context = planted_context("induction_soft")
@@ -264,8 +274,8 @@ def test_unlabelled_positions_are_named_by_index():
     names = kept_names(context, found)
     key_paths = sorted(n for n in names if "<k>" in n)
     b1 = {int(r["clean"].index(r["clean"][-1])) + 1 for r in pc.pairs}
-    assert key_paths == sorted(f"a0.h0@{i}->a1.h0@6<k>" for i in b1)
-    assert names == {"a1.h0@6->logits@6"} | set(key_paths) | {f"input@{i - 1}->a0.h0@{i}<v>" for i in b1}
+    assert key_paths == sorted(f"a0.h0@t{i}->a1.h0@end<k>" for i in b1)
+    assert names == {"a1.h0@end->logits@end"} | set(key_paths) | {f"input@t{i - 1}->a0.h0@t{i}<v>" for i in b1}
     # each example's key effect sits at one index, so the per-index effects add up to the total
     total_k = sum(found.scores[p] for p in found.kept if "<k>" in context.graph.downstream[p.receiver_input])
     assert total_k == pytest.approx(found.total_effect, rel=2e-2)
@@ -320,7 +330,7 @@ def test_skipping_unchanged_senders_changes_nothing_but_the_cost(name):
     uncorrupted positions) are scored 0 without a patch."""
     _, _, context = planted_context(name)
     settings = PathPatchingSettings(threshold=0.05)
-    slots = pp.position_slots(context.data)
+    slots = positional_graph(context).layout
     evaluate, clean_value, changed = pp.batched_evaluator(context, slots, 16, 32)
     args = (context.graph, slots, slots.index(context.data), settings, evaluate, clean_value, -1.0)
     everything, skipping = pp.grow_circuit(*args), pp.grow_circuit(*args, changed)
@@ -344,15 +354,15 @@ RANDOM_MODELS = {
 # nodes (also at key positions the circuit already uses, and a circuit path itself), paths
 # into the logits, and whole nodes.
 RANDOM_CIRCUIT = [
-    "a1.h0@4->logits@4", "a1.h1@4->logits@4", "m1@4->logits@4",
-    "a0.h0@1->a1.h0@4<k>", "a0.h1@4->a1.h0@4<q>", "m0@2->a1.h0@4<v>", "a0.h2@2->a1.h0@4<v>",
-    "a0.h0@1->a1.h1@4<k>", "a0.h2@3->a1.h1@4<v>", "a0.h1@4->m1@4", "a0.h2@2->m0@2",
+    "a1.h0@end->logits@end", "a1.h1@end->logits@end", "m1@end->logits@end",
+    "a0.h0@t1->a1.h0@end<k>", "a0.h1@end->a1.h0@end<q>", "m0@t2->a1.h0@end<v>", "a0.h2@t2->a1.h0@end<v>",
+    "a0.h0@t1->a1.h1@end<k>", "a0.h2@t3->a1.h1@end<v>", "a0.h1@end->m1@end", "a0.h2@t2->m0@t2",
 ]
 RANDOM_SOURCES = [
-    "logits@4", "a1.h0@4", "a0.h0@1", "m0@2",
-    "input@1->a0.h0@1<v>", "input@0->a0.h0@1<k>", "input@1->a0.h0@1<q>", "input@2->a0.h2@2<q>",
-    "input@2->m0@2", "a0.h1@3->a1.h0@4<k>", "a0.h0@1->a1.h0@4<k>", "input@4->logits@4",
-    "a0.h2@4->a1.h1@4<q>", "input@0->a0.h2@3<v>", "m0@1->a1.h1@4<v>", "a0.h1@4->m1@4",
+    "logits@end", "a1.h0@end", "a0.h0@t1", "m0@t2",
+    "input@t1->a0.h0@t1<v>", "input@t0->a0.h0@t1<k>", "input@t1->a0.h0@t1<q>", "input@t2->a0.h2@t2<q>",
+    "input@t2->m0@t2", "a0.h1@t3->a1.h0@end<k>", "a0.h0@t1->a1.h0@end<k>", "input@end->logits@end",
+    "a0.h2@end->a1.h1@end<q>", "input@t0->a0.h2@t3<v>", "m0@t1->a1.h1@end<v>", "a0.h1@end->m1@end",
 ]
 
 
@@ -373,7 +383,7 @@ def _parse(graph, slots, name: str):
 @pytest.mark.parametrize("kind", sorted(RANDOM_MODELS))
 def test_batched_path_patches_equal_plain_ones_on_random_models(kind):
     model, context = random_context(0, **RANDOM_MODELS[kind])
-    graph, slots = context.graph, pp.position_slots(context.data)
+    graph, slots = context.graph, positional_graph(context).layout
     circuit = [e for e in (_parse(graph, slots, n) for n in RANDOM_CIRCUIT) if e is not None]
     sources = [e for e in (_parse(graph, slots, n) for n in RANDOM_SOURCES) if e is not None]
     batched, clean_value, _ = pp.batched_evaluator(context, slots, batch_size=3, senders_per_pass=5)
@@ -383,7 +393,7 @@ def test_batched_path_patches_equal_plain_ones_on_random_models(kind):
     assert (expected - clean_value).abs().max() > 0.05  # the patches do change the metric
     assert torch.allclose(values, expected, atol=2e-4), (values - expected).abs().max()
     # a path into a node outside the circuit reaches the metric through no circuit edge
-    outside = _parse(graph, slots, "input@0->a0.h1@2<v>")
+    outside = _parse(graph, slots, "input@t0->a0.h1@t2<v>")
     assert float(batched(circuit, [outside], "")[0]) == pytest.approx(clean_value, abs=1e-6)
 
 
@@ -408,16 +418,16 @@ def test_discover_writes_positional_circuit_and_drawing(tmp_path):
     )
     summary = discover(config)
     run = tmp_path / "run"
-    assert {"circuit.positions.json", "circuit.positions.dot"} <= set(summary.files)
-    record = json.loads((run / "circuit.positions.json").read_text())
+    record = json.loads((run / "circuit.json").read_text())
+    assert record["space"]["kind"] == "positional_edge" and summary.chosen_by == "path_patching's own circuit"
     kept = {name for name, entry in record["edges"].items() if entry["in_graph"]}
     assert kept == {"a1.h0@end->logits@end", "a0.h0@B1->a1.h0@end<k>", "input@A1->a0.h0@B1<v>"}
-    assert record["positions"] == {"names": ["A1", "B1", "end"], "answer": "end", "named_by": "label"}
-    circuit = json.loads((run / "circuit.json").read_text())
-    assert {name for name, entry in circuit["edges"].items() if entry["in_graph"]} == set(pc.true_edges)
+    assert record["space"]["positions"]["names"][:3] == ["A1", "B1", "end"]
+    mib = json.loads((run / "circuit.mib.json").read_text())  # the projection onto the edge graph
+    assert {name for name, entry in mib["edges"].items() if entry["in_graph"]} == set(pc.true_edges)
     assert summary.faithfulness == pytest.approx(1.0, abs=0.02)
-    dot = (run / "circuit.positions.dot").read_text()
-    assert dot.count("subgraph cluster_") == 3 and 'label="B1"' in dot
+    dot = (run / "circuit.dot").read_text()
+    assert dot.count("subgraph cluster_") == 3 and 'label="@B1"' in dot
     assert '"a0.h0@B1" -> "a1.h0@end" [color="#1a9641"' in dot  # k edges in the key colour
 
 
@@ -439,12 +449,13 @@ def test_zero_ablation():
     found = run_search(context, PathPatchingSettings(threshold=0.1))
     # zeroing the query or the key at position 0 also breaks the head's positional attention,
     # which resampling (same positions in both prompts) leaves intact
-    assert kept_names(context, found) == EXPECTED["copy_first"] | {"input@5->a0.h0@5<q>", "input@0->a0.h0@5<k>"}
+    assert kept_names(context, found) == EXPECTED["copy_first"] | {"input@end->a0.h0@end<q>", "input@t0->a0.h0@end<k>"}
     # zeroing a0.h0 (or its value) removes its +5 on the answer logit; the clean diff is +5
     assert found.total_effect == pytest.approx(5.0, rel=1e-5)
-    named = {pp.path_name(context.graph, p, found.slots): s for p, s in found.scores.items()}
-    assert named["a0.h0@5->logits@5"] == pytest.approx(5.0, rel=1e-5)
-    assert named["input@0->a0.h0@5<v>"] == pytest.approx(5.0, rel=1e-5)
+    pgraph = positional_graph(context)
+    named = {pgraph.edge_name(p.sender_slot, p.receiver_slot, p.sender, p.receiver_input): s for p, s in found.scores.items()}
+    assert named["a0.h0@end->logits@end"] == pytest.approx(5.0, rel=1e-5)
+    assert named["input@t0->a0.h0@end<v>"] == pytest.approx(5.0, rel=1e-5)
 
 
 def test_labels_sharing_a_token_are_refused():
@@ -454,7 +465,7 @@ def test_labels_sharing_a_token_are_refused():
     data = context.data
     clash = TaskData(data.clean, data.corrupt, data.lengths, data.answers, data.wrong, {**data.positions, "A2": data.positions["B1"]})
     with pytest.raises(UsageError, match="same token"):
-        pp.position_slots(clash)
+        positional_graph(DiscoveryContext(context.adapter, clash, LOGIT_DIFF, AblationConfig()))
 
 
 def test_unequal_lengths_without_labels_are_refused():
@@ -464,4 +475,4 @@ def test_unequal_lengths_without_labels_are_refused():
     data = context.data
     ragged = TaskData(data.clean, data.corrupt, torch.tensor([5, 4, 5, 5, 5, 5, 5, 5]), data.answers, data.wrong, {})
     with pytest.raises(UsageError, match="position"):
-        pp.position_slots(ragged)
+        positional_graph(DiscoveryContext(context.adapter, ragged, LOGIT_DIFF, AblationConfig()))

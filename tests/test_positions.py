@@ -15,15 +15,17 @@ from circuitctl.config.methods import EapIgSettings
 from circuitctl.config.schema import AblationConfig
 from circuitctl.errors import UsageError
 from circuitctl.graph import naming
-from circuitctl.graph.positional import OTHER, PositionalGraph, PositionLayout, positioned
-from circuitctl.graph.units import PositionalEdgeView
+from circuitctl.graph.naming import positioned
+from circuitctl.graph.positional import PositionalGraph
+from circuitctl.graph.positions import OTHER, PositionLayout
+from circuitctl.circuits.positional import PositionalEdgeSpace
 from circuitctl.methods import eap_ig
 from circuitctl.methods.base import DiscoveryContext
 from circuitctl.metrics.metrics import METRICS
 from circuitctl.models.adapter import ModelAdapter
 from circuitctl.testing.planted import build, export
 from circuitctl.models.unit_patching import positional_patched_logits
-from circuitctl.patching.units import UnitEvaluator
+from circuitctl.circuits.evaluator import CircuitEvaluator
 from circuitctl.tasks.data import TaskData
 
 
@@ -60,10 +62,10 @@ def test_layout_groups_labelled_tokens_and_the_rest():
 def test_layout_without_labels_uses_absolute_positions_of_equal_length_prompts():
     _, context = planted_context("v_composition")
     layout = PositionLayout.from_data(context.data)
-    assert layout.names == tuple(str(i) for i in range(6)) and not layout.labelled
+    assert layout.names == ("t0", "t1", "t2", "t3", "t4", "end") and not layout.labelled and layout.answer == 5
     ragged = labelled_context().data
     ragged = TaskData(ragged.clean, ragged.corrupt, ragged.lengths, ragged.answers, ragged.wrong, {})
-    with pytest.raises(UsageError, match="equal token length"):
+    with pytest.raises(UsageError, match="one token length"):
         PositionLayout.from_data(ragged)
 
 
@@ -80,7 +82,7 @@ def test_layout_rejects_ambiguous_labels():
 def test_edges_follow_causal_attention_and_names_round_trip():
     context = labelled_context()
     graph = context.graph
-    pgraph = PositionalGraph.from_data(graph, PositionLayout.from_data(context.data), context.data)
+    pgraph = PositionalGraph.from_data(graph, context.data)
     S, M, END, REST = range(4)
     assert pgraph.reach[S, M] and not pgraph.reach[M, S] and not pgraph.reach[END, S]
     assert pgraph.reach[REST, S] and pgraph.reach[S, REST]  # unlabelled tokens lie on both sides
@@ -112,10 +114,10 @@ def test_per_position_scores_sum_to_the_whole_graph_scores(variant):
     result = eap_ig.discover(context, EapIgSettings(steps=2, variant=variant, batch_size=4, positions="per_token"))
     per_position = result.scores
     assert per_position.shape[:2] == (4, 4)
-    assert result.extra["units"]["positions"]["names"] == ["S", "M", "end", OTHER]
+    assert result.space.info()["positions"]["names"] == ["S", "M", "end", OTHER]
     scale = float(whole.abs().max())
     assert torch.allclose(per_position.sum(dim=(0, 1)), whole, atol=1e-5 * scale)
-    pgraph = PositionalGraph.from_data(context.graph, PositionLayout.from_data(context.data), context.data)
+    pgraph = PositionalGraph.from_data(context.graph, context.data)
     assert float(per_position[~pgraph.edge_mask].abs().max()) == 0.0
 
 
@@ -123,7 +125,7 @@ def test_per_position_patching_agrees_with_edge_patching():
     """A base edge ablated at every position pair is the ordinary edge ablation; none is clean, all is corrupt."""
     context = labelled_context()
     graph = context.graph
-    pgraph = PositionalGraph.from_data(graph, PositionLayout.from_data(context.data), context.data)
+    pgraph = PositionalGraph.from_data(graph, context.data)
     state = next(iter(context.engine(6).states()))
     groups = pgraph.layout.assign(state.batch)
     generator = torch.Generator().manual_seed(3)
@@ -146,11 +148,11 @@ def test_per_position_attribution_equals_per_position_patching_on_a_linear_model
     """v_composition's patterns are positional, so delta x gradient is exact per position too."""
     _, context = planted_context("v_composition")
     result = eap_ig.discover(context, EapIgSettings(steps=1, positions="per_token"))
-    view = PositionalEdgeView(PositionalGraph.from_data(context.graph, PositionLayout.from_data(context.data), context.data))
+    view = PositionalEdgeSpace(PositionalGraph.from_data(context.graph, context.data))
     scores = result.scores
     top = scores.abs().flatten().topk(3).indices
     top_names = {view.pgraph.edge_name(*map(int, torch.unravel_index(i, scores.shape))) for i in top}
-    assert top_names == {"input@0->a0.h0@1<v>", "a0.h0@1->a1.h0@5<v>", "a1.h0@5->logits@5"}
+    assert top_names == {"input@t0->a0.h0@t1<v>", "a0.h0@t1->a1.h0@end<v>", "a1.h0@end->logits@end"}
     # per-edge ablation effects for the top edges and a sample of the others
     edges = view.mask.nonzero()
     order = scores[view.mask].abs().argsort(descending=True)
@@ -158,7 +160,7 @@ def test_per_position_attribution_equals_per_position_patching_on_a_linear_model
     keep = view.mask[None].repeat(len(picked), 1, 1, 1, 1)
     for k, i in enumerate(picked.tolist()):
         keep[(k, *edges[i].tolist())] = False
-    evaluator = UnitEvaluator(view, context.adapter, context.data, context.metric, context.ablation, 24)
+    evaluator = CircuitEvaluator(view, context.adapter, context.data, context.metric, context.ablation, 24)
     full, empty = evaluator.full_and_empty()
     assert (full, empty) == pytest.approx((5.0, -5.0), abs=1e-4)
     effects = -(evaluator.circuit_values(keep) - full)
@@ -169,13 +171,13 @@ def test_per_position_attribution_equals_per_position_patching_on_a_linear_model
 def test_integrated_gradients_per_position_converge_to_per_position_patching():
     _, context = planted_context("induction_soft", n_pairs=8)
     scores = eap_ig.discover(context, EapIgSettings(steps=16, points="midpoint", positions="per_token")).scores
-    view = PositionalEdgeView(PositionalGraph.from_data(context.graph, PositionLayout.from_data(context.data), context.data))
+    view = PositionalEdgeSpace(PositionalGraph.from_data(context.graph, context.data))
     edges = view.mask.nonzero()
     order = scores[view.mask].abs().argsort(descending=True)[:6]
     keep = view.mask[None].repeat(len(order), 1, 1, 1, 1)
     for k, i in enumerate(order.tolist()):
         keep[(k, *edges[i].tolist())] = False
-    evaluator = UnitEvaluator(view, context.adapter, context.data, context.metric, context.ablation, 8)
+    evaluator = CircuitEvaluator(view, context.adapter, context.data, context.metric, context.ablation, 8)
     full, empty = evaluator.full_and_empty()
     effects = -(evaluator.circuit_values(keep) - full)
     attributed = torch.stack([scores[tuple(edges[i].tolist())] for i in order.tolist()]).double()
@@ -208,15 +210,16 @@ def test_per_position_circuits_run_through_discovery_evaluation_and_graphviz(v_c
     run = summary.run_dir
     assert summary.faithfulness == pytest.approx(1.0, abs=1e-4)
     record = json.loads((run / "circuit.json").read_text())
-    assert record["positions"]["names"] == [str(i) for i in range(6)]
+    assert record["space"]["kind"] == f"positional_{granularity}"
+    assert record["space"]["positions"]["names"] == ["t0", "t1", "t2", "t3", "t4", "end"]
     if granularity == "edge":
         kept = {name for name, entry in record["edges"].items() if entry["in_graph"]}
-        assert kept == {"input@0->a0.h0@1<v>", "a0.h0@1->a1.h0@5<v>", "a1.h0@5->logits@5"}
+        assert kept == {"input@t0->a0.h0@t1<v>", "a0.h0@t1->a1.h0@end<v>", "a1.h0@end->logits@end"}
     else:
         kept = {name for name, entry in record["nodes"].items() if entry["in_graph"]}
-        assert kept == {"input@0", "a0.h0@1", "a1.h0@5"}
+        assert kept == {"input@t0", "a0.h0@t1", "a1.h0@end"}
     dot = (run / "circuit.dot").read_text()
-    assert '"a1.h0@5" [label="a1.h0\\n@5"' in dot and 'label="@1"' in dot  # nodes carry their position names
-    report, _ = evaluate_faithfulness(run, config, work, run, known_edges=sorted(kept))
+    assert '"a1.h0@end" [label="a1.h0\\n@end"' in dot and 'label="@t1"' in dot  # nodes carry their position names
+    report, _ = evaluate_faithfulness(run, config, work, run, known=sorted(kept))
     assert report.faithfulness == pytest.approx(1.0, abs=1e-4) and report.completeness == pytest.approx(0.0, abs=1e-4)
     assert report.known_circuit["precision"] == 1.0 and report.known_circuit["roc_auc"] == 1.0

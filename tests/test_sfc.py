@@ -67,6 +67,15 @@ def train(model, site_names, seed=0, steps=200):
     return {site: sae.to(dtype) for site, sae, _ in trained}
 
 
+def scored(result):
+    """A feature-circuit result as plain data: node name -> score, edge name -> score, position names."""
+    from types import SimpleNamespace
+
+    space = result.space
+    positions = list(space.layout.names) if space.layout is not None else None
+    return SimpleNamespace(nodes=dict(zip(space.unit_names(), result.scores.tolist())), edges=space.edges, positions=positions)
+
+
 def context(model, data, ablation="resample"):
     return DiscoveryContext(ModelAdapter(model), data, LOGIT_DIFF, AblationConfig(type=ablation))
 
@@ -174,7 +183,7 @@ def test_attribution_matches_exact_feature_patching_on_a_linear_model(linear):
     ctx = context(model, data)
     for aggregation in ("none", "sum"):
         settings = SfcSettings(saes="unused", steps=1, aggregation=aggregation, node_threshold=1e9, batch_size=5)
-        circuit = find_feature_circuit(ctx, settings, saes)
+        circuit = scored(find_feature_circuit(ctx, settings, saes))
         assert circuit.positions == (["t0", "t1", "t2", "t3", "t4", "end"] if aggregation == "none" else None)
         checked = 0
         for site, sae in saes.items():
@@ -197,7 +206,7 @@ def test_integrated_gradients_improve_on_attribution_where_the_model_is_nonlinea
     ctx = context(model, data)
     totals = {}
     for steps in (1, 4, 16):
-        circuit = find_feature_circuit(ctx, SfcSettings(saes="unused", steps=steps, node_threshold=1e9, batch_size=6), saes)
+        circuit = scored(find_feature_circuit(ctx, SfcSettings(saes="unused", steps=steps, node_threshold=1e9, batch_size=6), saes))
         totals[steps] = {site: sum(v for n, v in circuit.nodes.items() if parse_feature_node(n).site == site) for site in ("embed", "resid0")}
     clean = float(run_metric(model, data, [])[0])
     for site in ("embed", "resid0"):
@@ -219,7 +228,7 @@ def test_edges_are_gradient_times_direct_jacobian_times_delta(nonlinear):
     model, saes, data = nonlinear
     ctx = context(model, data)
     settings = SfcSettings(saes="unused", steps=1, node_threshold=0.02, edge_threshold=0.0, batch_size=5)
-    circuit = find_feature_circuit(ctx, settings, saes)
+    circuit = scored(find_feature_circuit(ctx, settings, saes))
     by_name = {s.name: sae for s, sae in saes.items()}
     names = list(by_name)
     clean_x = site_outputs(model, data.clean, names)
@@ -300,7 +309,7 @@ def test_usage_errors(nonlinear, tmp_path):
         [pair_from_record({"clean": c, "corrupt": c, "answers": [1], "wrong_answers": [2]}, "t") for c in ([1, 2, 3], [4, 5])],
         None, model.cfg.d_vocab, None, "t",
     )
-    with pytest.raises(UsageError, match="needs prompts of one token length"):
+    with pytest.raises(UsageError, match="prompts of one token length"):
         find_feature_circuit(context(model, ragged), SfcSettings(saes="x", aggregation="none"), saes)
     from circuitctl.sae.loading import resolve_saes
 
@@ -313,8 +322,8 @@ def test_usage_errors(nonlinear, tmp_path):
     with pytest.raises(ValueError, match="not a site"):
         SfcSettings(saes={"mlp": "x"})
     for ablation in ("zero", "mean"):  # the other ablations run and give finite scores
-        circuit = find_feature_circuit(context(model, data, ablation), SfcSettings(saes="x", steps=2, node_threshold=1e9), saes)
-        assert all(torch.isfinite(torch.tensor(list(circuit.nodes.values()))))
+        result = find_feature_circuit(context(model, data, ablation), SfcSettings(saes="x", steps=2, node_threshold=1e9), saes)
+        assert bool(torch.isfinite(result.scores).all())
 
 
 # ----------------------------------------------------------------------------------------
@@ -347,9 +356,9 @@ def test_pipeline_on_a_planted_model_writes_circuit_and_faithfulness_curve(tmp_p
     }))
     main(["discover", "sfc.yaml"])
     record = json.loads((tmp_path / "run" / "circuit.json").read_text())
-    assert record["format"] == "circuitctl.feature_circuit" and record["config_hash"] and record["library_versions"]
-    assert record["feature_graph"]["sites"] == ["attn0", "mlp0"]
-    assert record["feature_graph"]["sae_sources"]["mlp0"] == str((tmp_path / "saes" / "mlp0").resolve())
+    assert record["format"] == "circuitctl.circuit" and record["config_hash"] and record["library_versions"]
+    assert record["space"]["kind"] == "feature" and record["space"]["sites"] == ["attn0", "mlp0"]
+    assert record["space"]["sae_sources"]["mlp0"] == str((tmp_path / "saes" / "mlp0").resolve())
     in_graph = [n for n, e in record["nodes"].items() if e["in_graph"] and n != "logits"]
     assert in_graph and all(abs(record["nodes"][n]["score"]) > 0.1 for n in in_graph)
     assert all("label" in record["nodes"][n] for n in in_graph if "/err" not in n)
@@ -362,10 +371,10 @@ def test_pipeline_on_a_planted_model_writes_circuit_and_faithfulness_curve(tmp_p
 
     main(["evaluate", "faithfulness", "run"])
     report = json.loads((tmp_path / "run" / "faithfulness.json").read_text())
-    assert report["ablation"] == "mean" and report["n_nodes_in_circuit"] == len(in_graph)
-    n = report["curve_n_nodes"]
-    assert len(n) == len(report["curve_faithfulness"]) == len(report["curve_completeness"]) >= 3
-    assert n == sorted(n) and n[0] == 1
-    assert report["curve_faithfulness"][-1] == pytest.approx(1.0, abs=0.05)  # all scored nodes: the model itself
+    assert report["ablation"] == "resample" and report["kind"] == "feature" and report["n_in_circuit"] == len(in_graph)
+    n = report["curve_sizes"]
+    assert len(n) == len(report["curve_absolute"]) == len(report["curve_signed"]) >= 3
+    assert n == sorted(n) and n[0] == 1 and report["cpr"] is None  # node counts, not MIB percentages
+    assert report["curve_absolute"][-1] == pytest.approx(1.0, abs=0.05)  # all scored nodes: the model itself
     assert report["faithfulness"] > report["completeness"]
     assert (tmp_path / "run" / "faithfulness_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

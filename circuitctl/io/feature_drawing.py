@@ -4,14 +4,9 @@
 from __future__ import annotations
 
 from circuitctl.graph import naming
-from circuitctl.io.graphviz import NEGATIVE, POSITIVE, quote
+from circuitctl.io.graphviz import NEGATIVE, POSITIVE, quote, quote_lines
 
 _FILL = {"embed": "#dddddd", "attn": "#d9ead3", "mlp": "#fde9c9", "resid": "#cfe2f3"}
-
-
-def _multiline(lines: list[str]) -> str:
-    """A quoted Graphviz label with one line per entry."""
-    return '"' + "\\n".join(quote(line)[1:-1] for line in lines) + '"'
 
 
 def feature_dot(
@@ -47,7 +42,7 @@ def feature_dot(
             if name in labels:
                 text.append(labels[name][:40])
             shape = ", shape=octagon, fillcolor=\"#eeeeee\"" if node.is_error else ""
-            rows.append(f"{quote(name)} [label={_multiline(text)}{shape}]")
+            rows.append(f"{quote(name)} [label={quote_lines(text)}{shape}]")
         lines.append(f"  {{ rank=same; node [fillcolor={quote(_FILL[kind])}]; " + "; ".join(rows) + "; }")
     lines.append(f"  {{ rank=max; {quote(naming.LOGITS)} [fillcolor=\"#dddddd\"]; }}")
     for up, down, score in edges:

@@ -26,6 +26,11 @@ def quote(text: str) -> str:
 _quote = quote
 
 
+def quote_lines(lines: list[str]) -> str:
+    """A Graphviz double-quoted label with one line per entry (each escaped like `quote`)."""
+    return '"' + "\\n".join(quote(line)[1:-1] for line in lines) + '"'
+
+
 def _layer_of(name: str, n_layers: int) -> int:
     node = naming.parse_node(name)
     if node.kind == "input":

@@ -10,11 +10,8 @@ from __future__ import annotations
 import torch
 
 from circuitctl.graph import naming
-from circuitctl.io.graphviz import CHANNEL_COLOURS, NEGATIVE, POSITIVE
+from circuitctl.io.graphviz import CHANNEL_COLOURS, NEGATIVE, POSITIVE, quote_lines
 from circuitctl.io.graphviz import quote as _quote
-
-
-NEWLINE = "\\n"  # Graphviz's line break inside a label
 
 
 def _layer(node: naming.NodeName, n_layers: int) -> int:
@@ -56,8 +53,7 @@ def positional_dot(edges: list[tuple[str, str, float]], positions: list[str], n_
         lines.append(f'  subgraph cluster_{i} {{ label={_quote("@" + position)}; labelloc=b; style=dashed; color="#999999";')
         for name in sorted(by_position[position]):
             node = nodes[name]
-            label = f"{node.base}{NEWLINE}@{node.position}"
-            lines.append(f"    {_quote(name)} [label={_quote(label)}, fillcolor={_quote(_fill(node))}];")
+            lines.append(f"    {_quote(name)} [label={quote_lines([node.base, '@' + str(node.position)])}, fillcolor={_quote(_fill(node))}];")
         lines.append("  }")
     for layer in sorted(by_layer):
         lines.append(f"  {{ rank=same; {' '.join(_quote(n) for n in sorted(by_layer[layer]))} }}")
@@ -84,7 +80,7 @@ def neuron_dot(scores: torch.Tensor, membership: torch.Tensor, title: str = "", 
         if len(chosen) > max_listed:
             rows.append(f"... {len(chosen) - max_listed} more")
         name = naming.mlp(layer)
-        lines.append(f"  {_quote(name)} [label={_quote(name + NEWLINE + NEWLINE.join(rows))}];")
+        lines.append(f"  {_quote(name)} [label={quote_lines([name, *rows])}];")
         if previous is not None:
             lines.append(f"  {_quote(previous)} -> {_quote(name)} [style=invis];")
         previous = name

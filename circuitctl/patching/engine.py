@@ -219,6 +219,14 @@ class PatchingEngine:
         """Mean metric over the dataset for each of K circuits given as ablated-edge masks [K, U, V]."""
         return self.values(self.edge_logits, ablated, chunk, on_batch)
 
+    def circuit_values(self, keep: torch.Tensor, chunk: int = 8, on_batch: Callable[[], None] | None = None) -> torch.Tensor:
+        """Mean metric for each edge circuit given as kept-edge masks [K, U, V]."""
+        return self.metric_values(self.graph.edge_mask.to(keep.device)[None] & ~keep, chunk, on_batch)
+
+    def full_and_empty(self) -> tuple[float, float]:
+        """m(M) (nothing ablated) and m(empty) (every edge ablated)."""
+        return self.clean_value(), float(self.metric_values(self.graph.edge_mask[None].clone())[0])
+
     def clean_value(self) -> float:
         if self._clean_value is None:
             total = torch.zeros((), dtype=torch.float64)
