@@ -113,6 +113,11 @@ class AcdcSettings(MethodSettings):
         description="remove an edge when the metric change it causes (KL increase, or drop of logit/prob diff) is below tau; "
         "a list runs one search per value (a sweep, one circuit each)",
     )
+    tau_mode: Literal["absolute", "relative"] = Field(
+        "absolute",
+        description="absolute: tau in metric units (the paper's); relative: tau as a fraction of the clean-ablated gap "
+        "|m(full) - m(all edges ablated)|, so one tau means the same on every task and metric",
+    )
     absolute: bool = Field(False, description="compare |change| with tau (the reference's abs_value_threshold)")
     candidates_per_pass: int = Field(16, ge=1, description="edges into one node tested together, with speculative replay")
     trials_per_evaluation: int = Field(
@@ -178,7 +183,6 @@ class MethodInfo:
     settings: type[MethodSettings]
     implementation: str  # "module:function", imported only when the method runs
     description: str
-    decides_membership: bool = False  # True when the method picks its own circuit (ACDC)
 
 
 METHODS: Registry[MethodInfo] = Registry("method")
@@ -196,29 +200,25 @@ for _info in (
         "acdc",
         AcdcSettings,
         "circuitctl.methods.acdc:discover",
-        "ACDC (Conmy et al. 2023): greedy edge removal below a threshold tau, exact and resumable",
-        decides_membership=True,
+        "ACDC (Conmy et al. 2023): greedy edge removal below a threshold tau, exact and resumable"
     ),
     MethodInfo(
         "path_patching",
         PathPatchingSettings,
         "circuitctl.methods.path_patching:discover",
-        "automatic path patching (IOI line of work): grow a position-aware circuit backwards from the answer",
-        decides_membership=True,
+        "automatic path patching (IOI line of work): grow a position-aware circuit backwards from the answer"
     ),
     MethodInfo(
         "cdt",
         CdtSettings,
         "circuitctl.methods.cdt:discover",
-        "contextual decomposition for transformers (Hsu et al. 2024): contributions without patching, pruned backwards",
-        decides_membership=True,
+        "contextual decomposition for transformers (Hsu et al. 2024): contributions without patching, pruned backwards"
     ),
     MethodInfo(
         "sfc",
         SfcSettings,
         "circuitctl.methods.sfc:discover",
-        "sparse feature circuits (Marks et al. 2024): SAE features and error nodes, node and edge attribution / IG",
-        decides_membership=True,
+        "sparse feature circuits (Marks et al. 2024): SAE features and error nodes, node and edge attribution / IG"
     ),
 ):
     METHODS.add(_info.name, _info)

@@ -335,9 +335,10 @@ def discover(context: DiscoveryContext, settings: AcdcSettings) -> DiscoveryResu
     if loaded is not None:
         sweep.restore(*loaded, context.checkpoint.dir)
     sign = context.metric.importance_sign
+    scale = metric_gap(engine) if settings.tau_mode == "relative" else 1.0
     try:
         for index in range(len(sweep.finished), len(taus)):
-            tau = taus[index]
+            tau = taus[index] * scale
             search, evaluator = make_search(context, engine, settings)
             if sweep.active is not None and sweep.active[0] == index:
                 _, progress, ops = sweep.active
@@ -355,7 +356,7 @@ def discover(context: DiscoveryContext, settings: AcdcSettings) -> DiscoveryResu
                     autosave.maybe_save()
 
                 progress = runner.run(progress, on_step)
-            sweep.finished.append(({"tau": tau, "evaluator": evaluator}, progress, ops))
+            sweep.finished.append(({"tau": taus[index], "tau_abs": tau, "evaluator": evaluator}, progress, ops))
             sweep.active = None
     except KeyboardInterrupt:
         if context.checkpoint is None:
@@ -372,6 +373,18 @@ def discover(context: DiscoveryContext, settings: AcdcSettings) -> DiscoveryResu
     if isinstance(settings.tau, list):
         result.sweep = points
     return result
+
+
+def metric_gap(engine: PatchingEngine) -> float:
+    """|m(full) - m(every edge ablated)|: the effect a relative tau is a fraction of."""
+    m_full, m_empty = engine.full_and_empty()
+    gap = abs(m_full - m_empty)
+    if gap < 1e-12:
+        raise UsageError(
+            f"method.tau_mode: relative needs a clean-ablated gap, but the metric is {m_full:.6g} with and without "
+            "the edges (the task shows no effect); use tau_mode: absolute"
+        )
+    return gap
 
 
 def _point(graph: Graph, info: dict, progress: Progress) -> SweepPoint:
