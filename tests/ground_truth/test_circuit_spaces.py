@@ -18,7 +18,7 @@ from helpers import planted_context
 from circuitctl.batching import collect_notes
 from circuitctl.circuits.evaluator import CircuitEvaluator
 
-GOLDEN = Path(__file__).parent / "golden" / "v1"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "v1"
 KINDS = ("edge", "node", "neuron", "positional_edge", "positional_node", "feature", "feature_per_position")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -159,8 +159,10 @@ def test_two_torchrun_ranks_evaluate_every_kind_like_one_process(tmp_path):
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
     tests_dir = str(Path(__file__).parent)
+    shared = str(Path(__file__).resolve().parents[1])  # tests/: helpers
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": tests_dir + os.pathsep + env.get("PYTHONPATH", "")})
+    path = os.pathsep.join(p for p in (tests_dir, shared, env.get("PYTHONPATH", "")) if p)
+    env.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": path})
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), str(tmp_path), tests_dir]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

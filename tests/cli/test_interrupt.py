@@ -1,6 +1,6 @@
 """Interruptions: a run killed part-way (SIGINT, SIGKILL) resumes to the same result as an
 uninterrupted run (ACDC, path patching, EAP-IG, exact patching, CD-T, SAE training), and a killed writer never leaves
-a half-written circuit.json. In-process variants of the resume tests: tests/test_resume_methods.py."""
+a half-written circuit.json. In-process variants of the resume tests: tests/cli/test_resume_methods.py."""
 
 from __future__ import annotations
 

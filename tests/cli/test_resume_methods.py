@@ -5,12 +5,11 @@ InterruptedRun) or by a stand-in for SIGKILL (an exception no handler catches: o
 checkpoints, written after every unit of work here, are left), then resumed. The resumed run
 must end with exactly (bit for bit) the result of an uninterrupted one, and must skip the work
 that was finished: it counts the units of work it does. The same through the real CLI, with
-real SIGINT and SIGKILL: tests/test_interrupt.py.
+real SIGINT and SIGKILL: tests/cli/test_interrupt.py.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
 import pytest
@@ -122,17 +121,6 @@ def test_path_patching_resumes_to_the_same_circuit(pp_context, pp_work, how, tmp
     assert resumed.files == reference.files  # the positional circuit (every path's score) and its drawing
 
 
-def test_path_patching_checkpoint_holds_the_search_state(pp_context, pp_work, tmp_path):
-    checkpoint = Checkpoint(tmp_path, "fingerprint")
-    pp_work.reset(6)
-    with pytest.raises(InterruptedRun, match=r"path patching stopped; .* --resume"):
-        pp.discover(replace(pp_context, checkpoint=checkpoint), PathPatchingSettings(threshold=0.1, checkpoint_every_seconds=3600))
-    state, tensors = checkpoint.load("path_patching")
-    assert state["receivers_done"] == len(state["effects"]) == 5 and state["frontier"]
-    assert tensors["paths"].shape == (len(tensors["scores"]), 4) and tensors["scores"].dtype == torch.float64
-    assert tensors["kept"].shape[1] == 4 and len(tensors["kept"]) > 0
-
-
 # ------------------------------------------------------------------------------------------
 # EAP-IG: gradient passes over 4 batches
 # ------------------------------------------------------------------------------------------
@@ -179,26 +167,6 @@ def test_eap_ig_resumes_to_the_same_scores(eap_context, eap_work, case, how, tmp
     assert torch.equal(resumed, reference)
 
 
-def test_eap_ig_inputs_adds_up_batches_as_eap_does(eap_context):
-    """The resumable batch loop of EAP-IG-inputs gives eap.attribution_scores's scores, bit for bit."""
-    from circuitctl.methods import eap
-
-    settings = EapIgSettings(steps=3, batch_size=3)
-    expected = eap.attribution_scores(eap_context, settings.batch_size, eap_ig._input_runs(eap_context, settings))
-    assert torch.equal(eap_ig.discover(eap_context, settings).scores, expected)
-
-
-def test_eap_ig_checkpoint_holds_the_sums_of_finished_batches(eap_context, eap_work, tmp_path):
-    checkpoint = Checkpoint(tmp_path, "fingerprint")
-    eap_work.reset(7)  # 3 passes per batch: the third batch
-    with pytest.raises(InterruptedRun, match=r"EAP-IG stopped; .* --resume"):
-        eap_ig.discover(replace(eap_context, checkpoint=checkpoint), EapIgSettings(steps=3, batch_size=2, checkpoint_every_seconds=3600))
-    state, tensors = checkpoint.load("eap_ig")
-    assert state == {"examples_done": 4, "n_examples": 8}
-    graph = eap_context.graph
-    assert tensors["sums"].shape == (graph.n_upstream, graph.n_downstream) and tensors["sums"].dtype == torch.float32
-
-
 # ------------------------------------------------------------------------------------------
 # Exact patching: one patched pass per chunk of edges and batch (11 chunks x 3 batches)
 # ------------------------------------------------------------------------------------------
@@ -207,13 +175,15 @@ EXACT = dict(batch_size=3, candidates_per_pass=8)  # 8 examples: batches of 3, 3
 
 @pytest.fixture
 def exact_work(monkeypatch) -> Work:
-    work, original = Work(), exact._chunk_effects
+    from circuitctl.patching.engine import PatchingEngine
 
-    def chunk_effects(*args, **kwargs):
+    work, original = Work(), PatchingEngine.patched_metric
+
+    def patched_metric(*args, **kwargs):  # one patched pass per (batch, chunk of edges)
         work()
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(exact, "_chunk_effects", chunk_effects)
+    monkeypatch.setattr(PatchingEngine, "patched_metric", patched_metric)
     return work
 
 
@@ -384,4 +354,4 @@ def test_train_sae_refuses_what_it_cannot_resume(tmp_path, capsys):
     assert code == 2 and f"holds an interrupted training; continue it with --resume {out}" in err
     code, err = cli("steps=20", "--resume", str(out))
     assert code == 2 and "different config" in err and "Traceback" not in err
-    assert json.loads((out / "checkpoint" / "state.json").read_text())["state"]["step"] == 3  # untouched
+    assert output_checkpoint(out, load_train_config(config)).load("train_sae")[0]["step"] == 3  # untouched

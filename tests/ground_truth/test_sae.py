@@ -221,7 +221,7 @@ def test_shipped_train_sae_configs_are_valid():
 
     from circuitctl.sae.config import load_train_config
 
-    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("train-sae-*.yaml"))
+    configs = sorted((Path(__file__).resolve().parents[2] / "configs").glob("train-sae-*.yaml"))
     assert configs
     for path in configs:
         config = load_train_config(path)

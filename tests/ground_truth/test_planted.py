@@ -23,7 +23,7 @@ import pytest
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: reference_patching
 
 from reference_patching import (  # noqa: E402
     ReferencePatcher,

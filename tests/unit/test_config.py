@@ -10,7 +10,7 @@ import yaml
 from circuitctl.config.load import apply_overrides, config_hash, load_config, validate_config
 from circuitctl.errors import UsageError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RUN_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if "method" in (yaml.safe_load(p.read_text()) or {}))
 
 BASE = {"model": {"path": "m"}, "task": {"name": "t"}, "method": {"name": "eap"}}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import networkx as nx
 
-PACKAGE = Path(__file__).resolve().parents[1] / "circuitctl"
+PACKAGE = Path(__file__).resolve().parents[2] / "circuitctl"
 
 
 def module_name(path: Path) -> str:

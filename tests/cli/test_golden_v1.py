@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-GOLDEN = Path(__file__).parent / "golden" / "v1"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "v1"
 # what schema 2 adds or changes in the demo's circuit.json; everything else is byte-identical
 CHANGED = {
     ("schema_version",),  # 1 -> 2

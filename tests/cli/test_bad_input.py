@@ -446,7 +446,7 @@ def test_nothing_is_loaded_unsafely():
     without weights_only=True anywhere in the package."""
     import ast
 
-    package = Path(__file__).resolve().parent.parent / "circuitctl"
+    package = Path(__file__).resolve().parents[2] / "circuitctl"
     unsafe = {("yaml", "load"), ("yaml", "unsafe_load"), ("yaml", "full_load"), ("pickle", "load"), ("pickle", "loads")}
     problems = []
     for path in package.rglob("*.py"):

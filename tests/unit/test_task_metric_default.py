@@ -14,7 +14,7 @@ import yaml
 from circuitctl.config.load import config_hash, load_config
 from circuitctl.errors import UsageError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "models" / "planted-copy-first"
 PAIRS = ROOT / "tasks" / "planted-copy-first" / "pairs.jsonl"
 

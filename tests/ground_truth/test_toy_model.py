@@ -17,7 +17,7 @@ import yaml  # noqa: E402
 
 from circuitctl.testing import toy_language as lang  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODEL_DIR = ROOT / "models" / "toy-gpt"
 TASK_DIRS = {"toy-ioi": ROOT / "tasks" / "toy-ioi",
              "toy-induction": ROOT / "tasks" / "toy-induction"}

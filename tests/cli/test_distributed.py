@@ -90,7 +90,7 @@ def test_ranks_agree_with_one_process_for_eap_exact_and_acdc(tmp_path):
     from circuitctl.methods import acdc, eap, exact
 
     (tmp_path / "driver.py").write_text(DRIVER)
-    result = torchrun(["driver.py", str(tmp_path), str(Path(__file__).parent)], tmp_path)
+    result = torchrun(["driver.py", str(tmp_path), str(Path(__file__).resolve().parents[1])], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
