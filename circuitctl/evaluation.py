@@ -24,6 +24,7 @@ def evaluate_faithfulness(
     force: bool = False,
     known: list[str] | None = None,
     batch_size: int | None = None,
+    curve_rule: str = "mib",
 ) -> tuple[FaithfulnessReport, list[Path]]:
     from circuitctl.circuits import space_for
     from circuitctl.circuits.evaluator import CircuitEvaluator
@@ -38,7 +39,7 @@ def evaluate_faithfulness(
     scores, membership = space.read(loaded.record, loaded.origin)
     evaluator = CircuitEvaluator(space, session.adapter, session.data, session.metric, config.ablation, batch_size or config.method.batch_size)
     known_report = against_known_units(known, space, scores, membership) if known is not None else None
-    report = faithfulness_report(circuit_path, config, evaluator, scores, membership, known_report)
+    report = faithfulness_report(circuit_path, config, evaluator, scores, membership, known_report, curve_rule)
     write_report(targets, asdict(report), plot_curve(report))
     return report, targets
 

@@ -31,7 +31,8 @@ class FaithfulnessReport:
     metric_complement: float
     faithfulness: float | None  # None: undefined (see faithfulness_undefined)
     completeness: float | None
-    curve_sizes: list[int]  # units kept at each point of the curve
+    curve_rule: str  # how the curve's circuits were chosen: "mib" (MIB's exact rule) or "circuitctl"
+    curve_sizes: list[int]  # units taken at each point of the curve (before MIB's pruning)
     percentages: list[float] | None  # the MIB percentages those sizes stand for (None: plain counts)
     curve_signed: list[float | None]
     curve_absolute: list[float | None]
@@ -49,14 +50,36 @@ def report_targets(out_dir: Path, force: bool) -> list[Path]:
     return targets
 
 
-def faithfulness_report(circuit_path: Path, config, evaluator, scores, circuit, known_circuit: dict | None = None) -> FaithfulnessReport:
+def curve_circuits(space, scores, rule: str):
+    """(sizes, MIB percentages or None, circuits by signed score, circuits by |score|, the rule used).
+
+    ``mib``: MIB's exact rule (`circuitctl.metrics.mib`) for edge and node circuits of ungrouped
+    graphs; other kinds, and ``circuitctl``: the top-k units by a stable sort, k = ceil(p * n) >= 1."""
+    import torch
+
+    from circuitctl.metrics.faithfulness import top_edges
+    from circuitctl.metrics.mib import FRACTIONS, mib_edge_circuits, mib_node_circuits
+
+    builder = {"edge": mib_edge_circuits, "node": mib_node_circuits}.get(space.kind)
+    if rule == "mib" and builder is not None and not space.graph.spec.grouped:
+        sizes, signed = builder(space.graph, scores, absolute=False)
+        _, absolute = builder(space.graph, scores, absolute=True)
+        return sizes, [f * 100 for f in FRACTIONS], signed, absolute, "mib"
+    sizes, percentages = space.curve_sizes(scores)
+    signed, absolute = (torch.stack([top_edges(scores, space.mask, k, a) for k in sizes]) for a in (False, True))
+    return sizes, percentages, signed, absolute, "circuitctl"
+
+
+def faithfulness_report(
+    circuit_path: Path, config, evaluator, scores, circuit, known_circuit: dict | None = None, curve_rule: str = "mib"
+) -> FaithfulnessReport:
     """f(C), completeness and the curve of a circuit of `evaluator.space` (a `CircuitEvaluator`).
 
     `circuit` is the circuit's membership (shaped like the space's mask); `scores` rank the
-    units for the curve (signed for CPR, |score| for CMD)."""
+    units for the curve (signed for CPR, |score| for CMD), chosen by `curve_rule` (`curve_circuits`)."""
     import torch
 
-    from circuitctl.metrics.faithfulness import cpr_cmd, normalized_faithfulness, top_edges, undefined_reason
+    from circuitctl.metrics.faithfulness import cpr_cmd, normalized_faithfulness, undefined_reason
     from circuitctl.progress import bar
 
     space = evaluator.space
@@ -64,9 +87,8 @@ def faithfulness_report(circuit_path: Path, config, evaluator, scores, circuit, 
     circuit = circuit & mask
     m_full, m_empty = evaluator.full_and_empty()
     complement = mask & ~circuit
-    sizes, percentages = space.curve_sizes(scores)
-    curves = [torch.stack([top_edges(scores, mask, k, absolute) for k in sizes]) for absolute in (False, True)]
-    keep = torch.cat([circuit[None], complement[None], *curves])
+    sizes, percentages, signed_circuits, absolute_circuits, rule = curve_circuits(space, scores, curve_rule)
+    keep = torch.cat([circuit[None], complement[None], signed_circuits, absolute_circuits])
     with bar(f"evaluating {space.unit} circuits", evaluator.n_batches) as advance:
         values = evaluator.circuit_values(keep, on_batch=advance).tolist()
 
@@ -75,7 +97,7 @@ def faithfulness_report(circuit_path: Path, config, evaluator, scores, circuit, 
 
     n = len(sizes)
     signed, absolute = [f(m) for m in values[2 : 2 + n]], [f(m) for m in values[2 + n :]]
-    cpr, cmd = cpr_cmd(signed, absolute) if percentages is not None else (None, None)
+    cpr, cmd = cpr_cmd(signed, absolute, percentages) if percentages is not None else (None, None)
     return FaithfulnessReport(
         circuit=str(circuit_path),
         kind=space.kind,
@@ -90,6 +112,7 @@ def faithfulness_report(circuit_path: Path, config, evaluator, scores, circuit, 
         metric_complement=values[1],
         faithfulness=f(values[0]),
         completeness=f(values[1]),
+        curve_rule=rule,
         curve_sizes=sizes,
         percentages=percentages,
         curve_signed=signed,

@@ -67,16 +67,20 @@ class EdgeSpace:
             try:
                 u, v = graph.edge_index(name)
             except (KeyError, ValueError) as exc:
+                if absent_mlp_edge(graph, name, item, origin):
+                    continue
                 raise UsageError(f"{origin}: edge '{name}' does not exist in this model's graph (a circuit for another model?)") from exc
             scores[u, v] = float(item.get("score") or 0.0)
             membership[u, v] = bool(item.get("in_graph", False))
         return scores, membership
 
     def mib(self, scores: torch.Tensor, membership: torch.Tensor, d_model: int) -> dict | None:
+        """As the EAP-IG reference writes an edge graph: nodes ``{"in_graph"}`` (no scores), edges ``{"score", "in_graph"}``."""
         from circuitctl.io.mib import mib_record
 
         body = self.entries(scores, membership)
-        return mib_record(self.graph.spec.to_dict(), d_model, body["nodes"], body["edges"])
+        nodes = {name: {"in_graph": item["in_graph"]} for name, item in body["nodes"].items()}
+        return mib_record(self.graph.spec.to_dict(), d_model, nodes, body["edges"])
 
     def dot(self, scores: torch.Tensor, membership: torch.Tensor, title: str) -> str:
         from circuitctl.io.graphviz import to_dot
@@ -88,6 +92,29 @@ class EdgeSpace:
 
     def patcher(self, engine: PatchingEngine) -> "EdgePatcher":
         return EdgePatcher(engine, self.graph.edge_mask)
+
+
+def absent_mlp_edge(graph: Graph, name: str, item: dict, origin: str) -> bool:
+    """True for an edge to or from an MLP that this attention-only model lacks, out of the circuit
+    with score 0: the EAP-IG reference graph always has MLP nodes, so its files of attention-only
+    models list such edges. In the circuit (or scored), it cannot be evaluated here: refused."""
+    from circuitctl.graph import naming
+
+    if graph.spec.has_mlps:
+        return False
+    try:
+        ends = [naming.parse_node(end) for end in naming.parse_edge(name)]
+    except ValueError:
+        return False
+    mlps = [end.base for end in ends if end.kind == "mlp"]
+    if not mlps:
+        return False
+    if item.get("in_graph") or float(item.get("score") or 0.0) != 0.0:
+        raise UsageError(
+            f"{origin}: edge '{name}' involves {mlps[0]}, an MLP this attention-only model does not have, and it is "
+            f"{'in the circuit' if item.get('in_graph') else 'scored'}; such a circuit cannot be evaluated on this model"
+        )
+    return True
 
 
 class EdgePatcher:

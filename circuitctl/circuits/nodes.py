@@ -76,6 +76,8 @@ class NodeSpace:
             if name == naming.LOGITS:
                 continue
             if name not in self.graph.upstream_index:
+                if _absent_mlp(self.graph, name, item):
+                    continue
                 raise UsageError(f"{origin}: node '{name}' does not exist in this model's graph")
             u = self.graph.upstream_index[name]
             scores[u] = float(item.get("score") or 0.0)
@@ -83,10 +85,17 @@ class NodeSpace:
         return scores, membership
 
     def mib(self, scores: torch.Tensor, membership: torch.Tensor, d_model: int) -> dict | None:
+        """As the EAP-IG reference writes a node-scored graph: nodes ``{"in_graph", "score"}`` (the
+        logits, which have no score, ``{"in_graph"}``), edges ``{"score": 0.0, "in_graph"}``."""
         from circuitctl.io.mib import mib_record
 
         body = self.entries(scores, membership)
-        return mib_record(self.graph.spec.to_dict(), d_model, body["nodes"], body["edges"])
+        nodes = {
+            name: {"in_graph": item["in_graph"]} if name == naming.LOGITS else {"in_graph": item["in_graph"], "score": item["score"]}
+            for name, item in body["nodes"].items()
+        }
+        edges = {name: {"score": 0.0, "in_graph": item["in_graph"]} for name, item in body["edges"].items()}
+        return mib_record(self.graph.spec.to_dict(), d_model, nodes, edges)
 
     def dot(self, scores: torch.Tensor, membership: torch.Tensor, title: str) -> str:
         from circuitctl.io.graphviz import to_dot
@@ -104,6 +113,15 @@ class NodeSpace:
 
     def patcher(self, engine: PatchingEngine) -> "NodePatcher":
         return NodePatcher(engine, self)
+
+
+def _absent_mlp(graph: Graph, name: str, item: dict) -> bool:
+    """An MLP node of the EAP-IG reference graph that this attention-only model lacks, out of the circuit."""
+    try:
+        node = naming.parse_node(name)
+    except ValueError:
+        return False
+    return not graph.spec.has_mlps and node.kind == "mlp" and not item.get("in_graph") and not float(item.get("score") or 0.0)
 
 
 class NodePatcher:

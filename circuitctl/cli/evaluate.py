@@ -26,6 +26,9 @@ def faithfulness(
     out: Optional[Path] = typer.Option(None, "--out", help="where to write faithfulness.json/.png (default: beside the circuit)"),
     known: Optional[Path] = typer.Option(None, "--known", help="a text file of the true units (edge, node, neuron or feature names, one per line) for precision/recall/ROC AUC"),
     force: bool = typer.Option(False, "--force", help="replace earlier evaluation files"),
+    curve: str = typer.Option(
+        "mib", "--curve", help="how the curve's circuits are chosen: mib (MIB's exact rule, for comparison with the leaderboard) or circuitctl (at least one unit per point, stable ranking, no pruning)"
+    ),
 ) -> None:
     """Normalized faithfulness, completeness and the MIB curve (CPR, CMD) of a circuit."""
     from circuitctl.config.load import load_config
@@ -44,7 +47,9 @@ def faithfulness(
         known_edges = [line.strip() for line in known.read_text().splitlines() if line.strip() and not line.startswith("#")]
     from circuitctl.evaluation import evaluate_faithfulness
 
-    report, files = evaluate_faithfulness(circuit, run_config, config.parent, out or circuit_dir, force, known_edges)
+    if curve not in ("mib", "circuitctl"):
+        raise UsageError(f"--curve: '{curve}' is not a curve rule (mib or circuitctl)")
+    report, files = evaluate_faithfulness(circuit, run_config, config.parent, out or circuit_dir, force, known_edges, curve_rule=curve)
     console.print(report_table(report, files))
 
 
@@ -57,7 +62,7 @@ def report_table(report, files) -> Table:
     table.add_row("faithfulness f(C)", format_f(report.faithfulness))
     table.add_row("completeness f(complement)", format_f(report.completeness))
     if report.cpr is not None:
-        table.add_row("CPR (higher is better)", f"{report.cpr:.4f}")
+        table.add_row("CPR (higher is better)", f"{report.cpr:.4f}  ({report.curve_rule} curve)")
         table.add_row("CMD (lower is better)", f"{report.cmd:.4f}")
     else:
         curve = ", ".join(f"{n}: {format_f(f, 3)}" for n, f in zip(report.curve_sizes, report.curve_absolute))

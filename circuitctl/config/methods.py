@@ -48,11 +48,20 @@ class EapIgSettings(MethodSettings):
     positions: Literal["all", "per_token"] = Field(
         "all", description="one graph over all positions, or nodes per labelled (or absolute) token position"
     )
-    points: Literal["right", "left", "midpoint"] = Field(
-        "right",
-        description="where on the ablation->clean path the m gradients are taken: alpha = k/m for k = 1..m "
-        "(right: ends at the clean point, as the EAP-IG reference; m = 1 is EAP), k = 0..m-1 (left) or k + 1/2",
+    points: Literal["auto", "right", "left", "midpoint"] = Field(
+        "auto",
+        description="where on the ablation->clean path the m gradients are taken: alpha = k/m for k = 1..m (right: ends "
+        "at the clean point; m = 1 is EAP), k = 0..m-1 (left: starts at the ablated point) or k + 1/2 (midpoint); "
+        "auto: what the EAP-IG reference does, left for the inputs variant's edge and neuron scores, right for the "
+        "activations variant and node scores",
     )
+
+    @property
+    def alpha_points(self) -> str:
+        """The integration points `points` stands for (auto resolved as the EAP-IG reference does)."""
+        if self.points != "auto":
+            return self.points
+        return "left" if self.variant == "inputs" and self.granularity != "node" else "right"
     steps_per_pass: Optional[int] = Field(
         None, ge=1, description="interpolation steps stacked into one forward/backward (default: 1 on CPU, up to 64 rows on GPU)"
     )

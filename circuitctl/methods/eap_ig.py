@@ -4,10 +4,11 @@ score(u -> v) = (z_u(ablated) - z_u(clean)) . (1/m) sum_k dm/d(input_v) at point
 positions and d_model and averaged over examples, where the m points lie on the straight line
 from the ablation to the clean run (alpha = weight of the clean end):
 
-* ``points: right`` (default): alpha_k = k/m, k = 1..m, ending at the clean point, as the
-  current EAP-IG reference (``range(1, steps + 1)``); with m = 1 this is exactly EAP.
-  ``left`` (alpha = k/m, k = 0..m-1: starts at the ablation point, as older reference versions
-  of the inputs variant) and ``midpoint`` ((k + 1/2)/m) are also available.
+* ``points: auto`` (default) does what the EAP-IG reference does: ``left`` for the inputs
+  variant's edge (and neuron) scores, alpha_k = k/m, k = 0..m-1, starting at the ablation point
+  (``range(0, steps)`` in its ``get_scores_eap_ig``); ``right`` for the activations variant and
+  node scores, alpha_k = k/m, k = 1..m, ending at the clean point (``range(1, steps + 1)``).
+  With m = 1, ``right`` is exactly EAP. ``midpoint`` ((k + 1/2)/m) is also available.
 * ``variant: inputs``: the input embeddings are interpolated; every node is recomputed.
 * ``variant: activations``: the outputs of one layer component at a time (the input, the heads
   of layer L together, the MLP of layer L, as the reference) are interpolated and everything
@@ -93,7 +94,7 @@ class _Run:
 
 
 def _check(context: DiscoveryContext, settings: EapIgSettings) -> None:
-    if context.metric.name == "kl" and settings.steps == 1 and settings.points == "right":
+    if context.metric.name == "kl" and settings.steps == 1 and settings.alpha_points == "right":
         raise UsageError(
             "method 'eap_ig' with metric 'kl', steps 1 and points 'right': the only gradient is taken at the clean "
             "run, where the gradient of the KL divergence is zero; use more steps or another metric"
@@ -113,7 +114,7 @@ def discover(context: DiscoveryContext, settings: EapIgSettings) -> DiscoveryRes
         from circuitctl.graph.positional import PositionalGraph
 
         pgraph = PositionalGraph.from_data(graph, context.data, "method.positions: per_token")
-    extra: dict = {"variant": settings.variant, "steps": settings.steps, "points": settings.points}
+    extra: dict = {"variant": settings.variant, "steps": settings.steps, "points": settings.alpha_points}
     n_forward = _forward_passes(context, settings)
     sign = context.metric.importance_sign
     engine = context.engine(settings.batch_size)
@@ -177,7 +178,7 @@ def _objective(context: DiscoveryContext, batch, clean_logits: torch.Tensor, n_s
 
 def _input_runs(context: DiscoveryContext, settings: EapIgSettings):
     """EAP-IG-inputs as `eap.attribution_scores` gradient runs: (1/m, clean outputs, step-summed gradients) per chunk."""
-    points = alphas(settings.steps, settings.points)
+    points = alphas(settings.steps, settings.alpha_points)
 
     def runs(batch, ablation):
         clean = context.adapter.run(batch.clean, batch.answer_positions)
@@ -197,7 +198,7 @@ def _runs(context: DiscoveryContext, settings: EapIgSettings, state, post_pair, 
     """Gradient passes for one batch: (rows scored, steps stacked, GradientPass)."""
     adapter, graph = context.adapter, context.graph
     B = state.batch.n
-    points = alphas(settings.steps, settings.points)
+    points = alphas(settings.steps, settings.alpha_points)
     neurons = settings.granularity == "neuron"
     chunks = _chunks(points, _steps_per_pass(settings, B, adapter.device))
 

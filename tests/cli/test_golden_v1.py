@@ -45,7 +45,11 @@ def without_changes(record: dict) -> str:
 def test_the_demo_writes_the_files_it_wrote_before(tmp_path):
     assert cli(["discover", "demo", f"output.dir={tmp_path / 'demo'}"]) == 0
     new, old = tmp_path / "demo", GOLDEN / "demo"
-    assert (new / "circuit.mib.json").read_bytes() == (old / "circuit.mib.json").read_bytes()
+    # the MIB file as the EAP-IG reference writes it (issue 21): node entries without a null score
+    mib_old = json.loads((old / "circuit.mib.json").read_text())
+    for item in mib_old["nodes"].values():
+        assert item.pop("score") is None
+    assert (new / "circuit.mib.json").read_text() == json.dumps(mib_old, indent=1) + "\n"
     assert (new / "circuit.dot").read_bytes() == (old / "circuit.dot").read_bytes()
     record = json.loads((new / "circuit.json").read_text())
     assert record["schema_version"] == 2 and record["space"] == {"kind": "edge"}
@@ -72,7 +76,8 @@ TOY_GPT = ("demo", "pos_edge", "pos_node", "path_patching")  # slower: in the sl
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in TOY_GPT else n for n in CASES])
 def test_version_1_circuit_files_still_evaluate(name, tmp_path):
     run = golden_copy(name, tmp_path)
-    assert cli(["evaluate", "faithfulness", str(run), *CASES[name], "--out", str(tmp_path / "report")]) == 0
+    # version 1's curve: circuitctl's own rule (MIB's exact rule is the default now)
+    assert cli(["evaluate", "faithfulness", str(run), *CASES[name], "--curve", "circuitctl", "--out", str(tmp_path / "report")]) == 0
     old = json.loads((run / "faithfulness.json").read_text())
     new = json.loads((tmp_path / "report" / "faithfulness.json").read_text())
     assert new["faithfulness"] == pytest.approx(old["faithfulness"], abs=1e-6)

@@ -53,7 +53,7 @@ MODELS = {
 def test_one_step_at_the_clean_point_is_eap(kind, ablation, variant):
     context = random_context(MODELS[kind](), ablation)
     reference = eap.discover(context, EapSettings(batch_size=4)).scores
-    scores = eap_ig.discover(context, EapIgSettings(steps=1, variant=variant, batch_size=4)).scores
+    scores = eap_ig.discover(context, EapIgSettings(steps=1, variant=variant, batch_size=4, points="right")).scores
     scale = float(reference.abs().max())
     assert scale > 0.1
     # float32 rounding only (the activations variant re-sums the per-head outputs of each layer)
@@ -181,7 +181,7 @@ def test_settings_are_validated():
     kl = random_context(MODELS["ln_mlp"]())
     kl.metric = METRICS.get("kl")
     with pytest.raises(UsageError, match="KL"):
-        eap_ig.discover(kl, EapIgSettings(steps=1))
+        eap_ig.discover(kl, EapIgSettings(steps=1, points="right"))
     eap_ig.discover(kl, EapIgSettings(steps=2, batch_size=6))  # interpolated points have a gradient
     with pytest.raises(UsageError, match="attention-only"):
         eap_ig.discover(random_context(MODELS["attn_only"]()), EapIgSettings(granularity="neuron"))
@@ -226,3 +226,18 @@ def test_discover_and_evaluate_node_and_neuron_circuits(mlp_neurons_dir, granula
     assert report.faithfulness == pytest.approx(1.0, abs=1e-4)
     assert report.completeness == pytest.approx(0.0, abs=1e-4)
     assert report.known_circuit["roc_auc"] == 1.0 and report.known_circuit["recall"] == 1.0
+
+
+def test_default_points_follow_the_eap_ig_reference():
+    """The reference integrates the inputs variant's edge scores at k/m, k = 0..m-1, and the
+    activations variant and node scores at k = 1..m (issue 21)."""
+    assert EapIgSettings().alpha_points == "left"
+    assert EapIgSettings(granularity="neuron").alpha_points == "left"
+    assert EapIgSettings(variant="activations").alpha_points == "right"
+    assert EapIgSettings(granularity="node").alpha_points == "right"
+    assert EapIgSettings(points="midpoint").alpha_points == "midpoint"
+    assert eap_ig.alphas(5, "left") == [0.0, 0.2, 0.4, 0.6, 0.8]
+    context = random_context(MODELS["ln_mlp"]())
+    auto = eap_ig.discover(context, EapIgSettings(steps=3, batch_size=4))
+    left = eap_ig.discover(context, EapIgSettings(steps=3, batch_size=4, points="left"))
+    assert torch.equal(auto.scores, left.scores) and auto.extra["points"] == "left"
