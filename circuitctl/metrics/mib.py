@@ -9,10 +9,10 @@ from circuitctl's own in three ways that change CPR and CMD on small graphs and 
   attention-only model's n includes MLP edges (with score 0);
 * it ranks with ``torch.argsort(scores.view(-1), descending=True)`` over the reference's
   ``[n_forward, n_backward]`` matrix (not a stable sort: ties fall where that sort puts them);
-* every circuit is then pruned as the reference prunes (`reference_prune`): nodes without an
-  incoming or outgoing edge are dropped with their edges, and it stops as soon as the node set
-  stops changing, which after `apply_topn` is after one pass (so it is not a full tree-shaking:
-  a node can keep its input edges after losing its output edges).
+* every circuit is pruned as the reference prunes it, twice: `apply_topn` calls `Graph.prune`
+  and `evaluate_graph` calls it again on the result (`reference_prune`): nodes without an
+  incoming or outgoing edge (the input counts as having input) are dropped with their edges
+  until the node set stops changing.
 
 `mib_circuits` reproduces this for edge and node circuits of ungrouped graphs; circuitctl's own
 rule (at least one unit, rounding up, a stable sort, no pruning) stays available as
@@ -76,9 +76,10 @@ class ReferenceLayout:
         return values[self.forward[:, None], self.backward[None, :]]
 
 
-def reference_prune(in_graph: torch.Tensor, nodes_in_graph: torch.Tensor, layout: ReferenceLayout) -> torch.Tensor:
-    """The reference's `Graph.prune`: drop the edges of nodes lacking incoming (the input excepted)
-    or outgoing edges, until the node set stops changing; returns the pruned edge membership."""
+def reference_prune(in_graph: torch.Tensor, nodes_in_graph: torch.Tensor, layout: ReferenceLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """One call of the reference's `Graph.prune`: recompute the nodes (an outgoing and an incoming
+    edge; the input always counts as having input), drop the edges of nodes that are not among
+    them, and stop when the recomputed node set equals the previous one. Returns (edges, nodes)."""
     in_graph, nodes = in_graph.clone(), nodes_in_graph.clone()
     f2b = layout.forward_to_backward.float()
     while True:
@@ -92,7 +93,13 @@ def reference_prune(in_graph: torch.Tensor, nodes_in_graph: torch.Tensor, layout
         backward_in[-1] = 1  # the logits are always there
         in_graph &= (nodes.float()[:, None] * backward_in[None, :]) > 0
         if same:
-            return in_graph
+            return in_graph, nodes
+
+
+def evaluated_circuit(in_graph: torch.Tensor, nodes: torch.Tensor, layout: ReferenceLayout) -> torch.Tensor:
+    """The circuit MIB evaluates: pruned by `apply_topn`, then again by `evaluate_graph`."""
+    in_graph, nodes = reference_prune(in_graph, nodes, layout)
+    return reference_prune(in_graph, nodes, layout)[0]
 
 
 def _nodes_with_edges(in_graph: torch.Tensor, layout: ReferenceLayout) -> torch.Tensor:
@@ -116,7 +123,7 @@ def mib_edge_circuits(graph: Graph, scores: torch.Tensor, absolute: bool) -> tup
         in_graph = torch.zeros(layout.n_forward * layout.n_backward, dtype=torch.bool)
         in_graph[order[:n]] = True
         in_graph = in_graph.view(layout.n_forward, layout.n_backward)
-        in_graph = reference_prune(in_graph, _nodes_with_edges(in_graph, layout), layout)
+        in_graph = evaluated_circuit(in_graph, _nodes_with_edges(in_graph, layout), layout)
         sizes.append(n)
         circuits.append(layout.restrict(in_graph) & graph.edge_mask)
     return sizes, torch.stack(circuits)
@@ -138,8 +145,7 @@ def mib_node_circuits(graph: Graph, scores: torch.Tensor, absolute: bool) -> tup
         nodes = torch.zeros(layout.n_forward, dtype=torch.bool)
         nodes[order[:n]] = True
         nodes |= ~scored  # unscored nodes always stay (the reference's rule)
-        in_graph = layout.real & nodes[:, None]
-        in_graph = reference_prune(in_graph, nodes, layout)
+        in_graph = evaluated_circuit(layout.real & nodes[:, None], nodes, layout)
         kept = in_graph.any(dim=1)[layout.forward]
         sizes.append(n)
         circuits.append(kept)

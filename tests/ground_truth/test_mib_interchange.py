@@ -95,22 +95,17 @@ class ReferenceGraph:
             names.append(f"m{layer}")
         return names + ["logits"]
 
-    def nodes_with_edges(self, kept: set[str]) -> set[str]:
-        """Nodes with an outgoing and an incoming kept edge (the input counts as having input)."""
-        return {self.edges[e][0] for e in kept} & ({self.edges[e][1] for e in kept} | {"input"})
-
     def prune(self, kept: set[str]) -> set[str]:
-        """The reference's `prune` after `apply_topn`: recompute the nodes, drop edges whose parent or
-        child is not among them, and stop as soon as the node set no longer changes (which, starting
-        from apply_topn's own node set, is after the first pass)."""
-        nodes = self.nodes_with_edges(kept)
+        """What `apply_topn` and then `evaluate_graph` (each calling `Graph.prune`) leave: repeatedly
+        drop nodes without an incoming (the input excepted) or outgoing kept edge, with their edges."""
         while True:
-            new = self.nodes_with_edges(kept)
-            same = new == nodes
-            nodes = new
-            kept = {e for e in kept if self.edges[e][0] in nodes and (self.edges[e][1] in nodes or self.edges[e][1] == "logits")}
-            if same:
+            parents = {self.edges[e][0] for e in kept}
+            children = {self.edges[e][1] for e in kept} | {"input"}
+            alive = (parents & children) | {"logits"}
+            pruned = {e for e in kept if self.edges[e][0] in alive and self.edges[e][1] in alive}
+            if pruned == kept:
                 return kept
+            kept = pruned
 
 
 # ----------------------------------------------------------------------------------------------
