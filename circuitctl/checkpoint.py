@@ -45,6 +45,10 @@ class Checkpoint:
             return None
         return self._read_state().get("fingerprint")
 
+    def recorded_method(self) -> str | None:
+        """The method whose progress the checkpoint holds (None: no checkpoint)."""
+        return self._read_state().get("method") if self.exists else None
+
     def check(self) -> None:
         """Refuse (UsageError) a checkpoint written by a different config."""
         recorded = self.recorded_fingerprint()

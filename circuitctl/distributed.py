@@ -114,6 +114,20 @@ def all_reduce_sum(tensor):
     return work.to(tensor.device)
 
 
+def gather_rows(local, n: int):
+    """Per-example rows of this rank's share (`shard_range(n)`, leading dim) placed in a zero
+    tensor of n rows and summed over ranks: every rank gets all n rows (`local` in a single process)."""
+    dist = _dist()
+    if dist is None or dist.get_world_size() == 1:
+        return local
+    import torch
+
+    start, stop = shard_range(n)
+    rows = torch.zeros((n, *local.shape[1:]), dtype=local.dtype, device=local.device)
+    rows[start:stop] = local
+    return all_reduce_sum(rows)
+
+
 def broadcast_from_main(value):
     """`value` as given on the main rank, on every rank (any picklable object)."""
     dist = _dist()

@@ -25,7 +25,10 @@ def evaluate_faithfulness(
     known: list[str] | None = None,
     batch_size: int | None = None,
     curve_rule: str = "mib",
+    n_resamples: int = 1000,
 ) -> tuple[FaithfulnessReport, list[Path]]:
+    """Evaluate a circuit file and write faithfulness.json and its curve (PNG) to `out_dir`;
+    `n_resamples` bootstrap resamples of the examples give the confidence intervals (0: none)."""
     from circuitctl.circuits import space_for
     from circuitctl.circuits.evaluator import CircuitEvaluator
     from circuitctl.circuits.record import load_circuit_file
@@ -39,7 +42,7 @@ def evaluate_faithfulness(
     scores, membership = space.read(loaded.record, loaded.origin)
     evaluator = CircuitEvaluator(space, session.adapter, session.data, session.metric, config.ablation, batch_size or config.method.batch_size)
     known_report = against_known_units(known, space, scores, membership) if known is not None else None
-    report = faithfulness_report(circuit_path, config, evaluator, scores, membership, known_report, curve_rule)
+    report = faithfulness_report(circuit_path, config, evaluator, scores, membership, known_report, curve_rule, n_resamples)
     write_report(targets, asdict(report), plot_curve(report))
     return report, targets
 

@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 console = Console(stderr=True)
 _enabled = True
+_active: Progress | None = None  # the bar being shown; nested bars join it
 
 
 def set_enabled(enabled: bool) -> None:
@@ -22,9 +23,19 @@ def set_enabled(enabled: bool) -> None:
 
 @contextmanager
 def bar(description: str, total: int) -> Iterator[Callable[[int], None]]:
-    """A progress bar; yields `advance(n=1)`."""
+    """A progress bar; yields `advance(n=1)`. A bar opened inside another one (a method's loop
+    inside a loop over reruns) is a second line of the same display: rich shows one at a time."""
+    global _active
     if not (_enabled and console.is_terminal):
         yield lambda n=1: None
+        return
+    if _active is not None:
+        progress = _active
+        task = progress.add_task(description, total=total)
+        try:
+            yield lambda n=1: progress.advance(task, n)
+        finally:
+            progress.remove_task(task)
         return
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -36,4 +47,8 @@ def bar(description: str, total: int) -> Iterator[Callable[[int], None]]:
         transient=True,
     ) as progress:
         task = progress.add_task(description, total=total)
-        yield lambda n=1: progress.advance(task, n)
+        _active = progress
+        try:
+            yield lambda n=1: progress.advance(task, n)
+        finally:
+            _active = None

@@ -40,6 +40,10 @@ class FaithfulnessReport:
     cmd: float | None
     faithfulness_undefined: str | None = None
     known_circuit: dict | None = None
+    # per-example f (quantiles, answer ranking, worst examples) and bootstrap intervals of f,
+    # completeness, CPR and CMD (`circuitctl.analysis.per_example`)
+    per_example: dict | None = None
+    confidence: dict | None = None
     provenance: dict | None = None  # the config, its hash, the seed, library versions, time
 
 
@@ -71,9 +75,17 @@ def curve_circuits(space, scores, rule: str):
 
 
 def faithfulness_report(
-    circuit_path: Path, config, evaluator, scores, circuit, known_circuit: dict | None = None, curve_rule: str = "mib"
+    circuit_path: Path,
+    config,
+    evaluator,
+    scores,
+    circuit,
+    known_circuit: dict | None = None,
+    curve_rule: str = "mib",
+    n_resamples: int = 1000,
 ) -> FaithfulnessReport:
-    """f(C), completeness and the curve of a circuit of `evaluator.space` (a `CircuitEvaluator`).
+    """f(C), completeness and the curve of a circuit of `evaluator.space` (a `CircuitEvaluator`),
+    with per-example faithfulness and `n_resamples` bootstrap resamples for confidence intervals.
 
     `circuit` is the circuit's membership (shaped like the space's mask); `scores` rank the
     units for the curve (signed for CPR, |score| for CMD), chosen by `curve_rule` (`curve_circuits`)."""
@@ -89,8 +101,9 @@ def faithfulness_report(
     complement = mask & ~circuit
     sizes, percentages, signed_circuits, absolute_circuits, rule = curve_circuits(space, scores, curve_rule)
     keep = torch.cat([circuit[None], complement[None], signed_circuits, absolute_circuits])
+    rows = torch.zeros(keep.shape[0], evaluator.engine.data.n, dtype=torch.float64)  # every example's value
     with bar(f"evaluating {space.unit} circuits", evaluator.n_batches) as advance:
-        values = evaluator.circuit_values(keep, on_batch=advance).tolist()
+        values = evaluator.circuit_values(keep, on_batch=advance, per_example=rows).tolist()
 
     def f(m: float) -> float | None:
         return normalized_faithfulness(m, m_full, m_empty)
@@ -98,6 +111,9 @@ def faithfulness_report(
     n = len(sizes)
     signed, absolute = [f(m) for m in values[2 : 2 + n]], [f(m) for m in values[2 + n :]]
     cpr, cmd = cpr_cmd(signed, absolute, percentages) if percentages is not None else (None, None)
+    from circuitctl.analysis.per_example import per_example_report
+
+    per_example, confidence = per_example_report(evaluator, circuit, rows, n, percentages, n_resamples, config.seed)
     return FaithfulnessReport(
         circuit=str(circuit_path),
         kind=space.kind,
@@ -121,6 +137,8 @@ def faithfulness_report(
         cmd=cmd,
         faithfulness_undefined=undefined_reason(m_full, m_empty),
         known_circuit=known_circuit,
+        per_example=per_example,
+        confidence=confidence,
         provenance=report_provenance(config),
     )
 

@@ -29,6 +29,7 @@ def faithfulness(
     curve: str = typer.Option(
         "mib", "--curve", help="how the curve's circuits are chosen: mib (MIB's exact rule, for comparison with the leaderboard) or circuitctl (at least one unit per point, stable ranking, no pruning)"
     ),
+    bootstrap: int = typer.Option(1000, "--bootstrap", min=0, help="resamples of the examples for the 95% confidence intervals of f, completeness, CPR and CMD (0: none)"),
 ) -> None:
     """Normalized faithfulness, completeness and the MIB curve (CPR, CMD) of a circuit."""
     from circuitctl.config.load import load_config
@@ -49,8 +50,12 @@ def faithfulness(
 
     if curve not in ("mib", "circuitctl"):
         raise UsageError(f"--curve: '{curve}' is not a curve rule (mib or circuitctl)")
-    report, files = evaluate_faithfulness(circuit, run_config, config.parent, out or circuit_dir, force, known_edges, curve_rule=curve)
+    report, files = evaluate_faithfulness(
+        circuit, run_config, config.parent, out or circuit_dir, force, known_edges, curve_rule=curve, n_resamples=bootstrap
+    )
     console.print(report_table(report, files))
+    if report.per_example and report.per_example["worst"]:
+        console.print(worst_examples_table(report.per_example))
 
 
 def report_table(report, files) -> Table:
@@ -67,10 +72,57 @@ def report_table(report, files) -> Table:
     else:
         curve = ", ".join(f"{n}: {format_f(f, 3)}" for n, f in zip(report.curve_sizes, report.curve_absolute))
         table.add_row(f"curve ({report.unit} by |score|: f)", curve)
+    for name, value in per_example_rows(report):
+        table.add_row(name, value)
     if report.known_circuit:
         k = report.known_circuit
         table.add_row("precision / recall / ROC AUC", f"{k['precision']:.3f} / {k['recall']:.3f} / {k['roc_auc']:.3f}")
     if report.faithfulness_undefined:
         table.add_row("note", report.faithfulness_undefined)
     table.add_row("written", ", ".join(str(f) for f in files))
+    return table
+
+
+def _interval(values) -> str:
+    return "n/a" if values is None else f"[{values[0]:.4f}, {values[1]:.4f}]"
+
+
+def per_example_rows(report) -> list[tuple[str, str]]:
+    """Table rows: per-example quantiles and answer ranking, bootstrap intervals."""
+    rows = []
+    per = report.per_example
+    if per:
+        if per["quantiles"] is not None:
+            q = per["quantiles"]
+            rows.append(("per-example f: 5/25/50/75/95 %", " / ".join(f"{q[k]:.3f}" for k in ("5", "25", "50", "75", "95"))))
+        if per["n_undefined"]:
+            rows.append(("per-example f undefined", f"{per['n_undefined']} of {per['n_examples']} examples ({per['undefined_rule']})"))
+        ranking = per["ranking"]
+        if ranking["fraction"] is not None:
+            rows.append((
+                "circuit ranks the answer first",
+                f"{ranking['n_both_right']} of the {ranking['n_model_right']} examples the model ranks right ({100 * ranking['fraction']:.1f} %)",
+            ))
+        else:
+            rows.append(("circuit ranks the answer first", ranking.get("note") or "n/a (the model ranks no example right)"))
+    ci = report.confidence
+    if ci:
+        level = f"{100 * ci['level']:.0f} % CI ({ci['n_resamples']} resamples)"
+        rows.append((f"{level}: f / completeness", f"{_interval(ci['faithfulness'])} / {_interval(ci['completeness'])}"))
+        if report.cpr is not None:
+            rows.append((f"{level}: CPR / CMD", f"{_interval(ci['cpr'])} / {_interval(ci['cmd'])}"))
+    return rows
+
+
+def worst_examples_table(per_example: dict) -> Table:
+    from rich.markup import escape
+
+    table = Table(title=f"the {len(per_example['worst'])} examples with the lowest per-example f")
+    for column in ("example", "f", "m(full) / m(empty) / m(circuit)", "prompt", "answer / wrong"):
+        table.add_column(column)
+    for row in per_example["worst"]:
+        prompt = row.get("prompt", row.get("tokens"))
+        answers = f"{', '.join(map(str, row['answers']))} / {', '.join(map(str, row['wrong_answers']))}"
+        metrics = f"{row['metric_full']:.3f} / {row['metric_empty']:.3f} / {row['metric_circuit']:.3f}"
+        table.add_row(str(row["index"]), f"{row['f']:.3f}", metrics, escape(str(prompt)), escape(answers))
     return table

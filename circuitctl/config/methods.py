@@ -192,6 +192,7 @@ class MethodInfo:
     settings: type[MethodSettings]
     implementation: str  # "module:function", imported only when the method runs
     description: str
+    stochastic: bool = False  # results depend on the seed (e.g. learned masks): stability runs several seeds
 
 
 METHODS: Registry[MethodInfo] = Registry("method")

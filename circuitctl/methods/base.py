@@ -37,6 +37,9 @@ class DiscoveryContext:
     checkpoint: Checkpoint | None = None  # where long methods save resumable progress (None: no saving)
     resume: bool = False  # continue from `checkpoint` instead of starting over
     config_dir: Path | None = None  # where the config's relative paths (e.g. SAE directories) are read from
+    # ask for each example's score contributions (`DiscoveryResult.per_example`), where the method's
+    # scores are means over examples (EAP, EAP-IG): bootstrap resamples then need no reruns
+    per_example: bool = False
 
     @property
     def graph(self) -> Graph:
@@ -60,6 +63,10 @@ class DiscoveryResult:
     files: dict[str, Any] = field(default_factory=dict)
     # a sweep (e.g. ACDC over several tau): one circuit per point, each written to its own subdirectory
     sweep: list[SweepPoint] | None = None
+    # with context.per_example, from methods whose scores are means over examples: float32
+    # [N, *scores.shape], example i's contribution, so that the scores of any multiset S of the
+    # examples (a bootstrap resample) are per_example[S].mean(0); None: not available
+    per_example: torch.Tensor | None = None
 
 
 @dataclass

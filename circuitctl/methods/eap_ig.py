@@ -118,6 +118,8 @@ def discover(context: DiscoveryContext, settings: EapIgSettings) -> DiscoveryRes
     n_forward = _forward_passes(context, settings)
     sign = context.metric.importance_sign
     engine = context.engine(settings.batch_size)
+    if context.per_example and pgraph is None:
+        return _per_example_result(context, settings, engine, n_forward, extra)
     zeros = _score_buffer(context, settings, pgraph)
     if pgraph is None and settings.variant == "inputs" and settings.granularity != "neuron":
         sums = _batch_sums(context, settings, _input_edge_block(context, settings, engine), zeros)
@@ -142,6 +144,31 @@ def discover(context: DiscoveryContext, settings: EapIgSettings) -> DiscoveryRes
 
         return DiscoveryResult(edges.sum(1), space=NodeSpace(graph), forward_passes=n_forward, extra=extra)
     return DiscoveryResult(edges, forward_passes=n_forward, extra=extra)
+
+
+def _per_example_result(context: DiscoveryContext, settings: EapIgSettings, engine, n_forward: float, extra: dict) -> DiscoveryResult:
+    """`discover` with every example's contribution kept (`DiscoveryResult.per_example`): the same
+    blocks, contracted per example instead of summed over the batch (per-position graphs: not available)."""
+    graph = context.graph
+    zeros = _score_buffer(context, settings, None, rows=distributed.shard(context.data).n)
+    if settings.variant == "inputs" and settings.granularity != "neuron":
+        block_of = _input_edge_block(context, settings, engine, per_example=True)
+    else:
+        block_of = _gradient_block(context, settings, None, engine, zeros[0], per_example=True)
+    rows = distributed.gather_rows(_batch_sums(context, settings, block_of, zeros, per_example=True), context.data.n)
+    per = context.metric.importance_sign * rows.cpu()
+    space = None
+    if settings.granularity == "neuron":
+        from circuitctl.circuits.neurons import NeuronSpace
+
+        space = NeuronSpace(graph, context.adapter.cfg.d_mlp)
+    else:
+        per = per * graph.edge_mask
+        if settings.granularity == "node":
+            from circuitctl.circuits.nodes import NodeSpace
+
+            per, space = per.sum(-1), NodeSpace(graph)
+    return DiscoveryResult(per.sum(0) / context.data.n, space=space, forward_passes=n_forward, extra=extra, per_example=per)
 
 
 def _steps_per_pass(settings: EapIgSettings, batch_size: int, device: torch.device) -> int:
@@ -267,9 +294,13 @@ class _Sums:
 BlockFunction = Callable[[TaskData], torch.Tensor]  # one batch's score sums, in a fresh float32 tensor
 
 
-def _batch_sums(context: DiscoveryContext, settings: EapIgSettings, block_of: BlockFunction, zeros: torch.Tensor) -> torch.Tensor:
+def _batch_sums(
+    context: DiscoveryContext, settings: EapIgSettings, block_of: BlockFunction, zeros: torch.Tensor, per_example: bool = False
+) -> torch.Tensor:
     """The sum of `block_of(batch)` over the dataset's batches, in order, all-reduced across
-    ranks. Checkpointed after whole batches (not under torchrun: resume runs on one process)."""
+    ranks. Checkpointed after whole batches (not under torchrun: resume runs on one process).
+    per_example: `zeros` has a row per example of this rank and `block_of` returns a batch's
+    rows, which are written in place; this rank's rows are returned (not all-reduced)."""
     local = distributed.shard(context.data)
     checkpoint = context.checkpoint if distributed.world_size() == 1 else None
     sums = _Sums(0, zeros)
@@ -286,15 +317,19 @@ def _batch_sums(context: DiscoveryContext, settings: EapIgSettings, block_of: Bl
         with bar(f"EAP-IG {settings.variant} ({context.metric.name})", -(-local.n // settings.batch_size)) as advance:
             advance(-(-sums.done // settings.batch_size))
             for n, block in sizer.map(local.slice(sums.done, local.n), lambda batch: (batch.n, block_of(batch))):
-                # block + total has the bits of total + block: the additions of an uninterrupted run
-                sums = _Sums(sums.done + n, block.add_(sums.total))
+                if per_example:  # rows past `done` are not part of a snapshot yet: safe to fill in place
+                    sums.total[sums.done : sums.done + n] = block
+                    sums = _Sums(sums.done + n, sums.total)
+                else:
+                    # block + total has the bits of total + block: the additions of an uninterrupted run
+                    sums = _Sums(sums.done + n, block.add_(sums.total))
                 advance()
                 autosave.maybe_save()
     except KeyboardInterrupt:
         if checkpoint is None:
             raise
         raise autosave.interrupted("EAP-IG") from None
-    return distributed.all_reduce_sum(sums.total)
+    return sums.total if per_example else distributed.all_reduce_sum(sums.total)
 
 
 def _restored(loaded: tuple[dict, dict], zeros: torch.Tensor, n_examples: int, checkpoint) -> _Sums:
@@ -305,8 +340,9 @@ def _restored(loaded: tuple[dict, dict], zeros: torch.Tensor, n_examples: int, c
     return _Sums(int(state["examples_done"]), total.to(device=zeros.device, dtype=zeros.dtype))
 
 
-def _score_buffer(context: DiscoveryContext, settings: EapIgSettings, pgraph) -> torch.Tensor:
-    """Zero float32 scores: edges [U, V], per-position edges [G, G, U, V] or neurons [L, d_mlp]."""
+def _score_buffer(context: DiscoveryContext, settings: EapIgSettings, pgraph, rows: int | None = None) -> torch.Tensor:
+    """Zero float32 scores: edges [U, V], per-position edges [G, G, U, V] or neurons [L, d_mlp]
+    (with `rows`: that many of them, one per example)."""
     graph, adapter = context.graph, context.adapter
     if settings.granularity == "neuron":
         shape: tuple[int, ...] = (graph.spec.n_layers, adapter.cfg.d_mlp)
@@ -314,21 +350,26 @@ def _score_buffer(context: DiscoveryContext, settings: EapIgSettings, pgraph) ->
         shape = (pgraph.n_groups, pgraph.n_groups, graph.n_upstream, graph.n_downstream)
     else:
         shape = (graph.n_upstream, graph.n_downstream)
+    if rows is not None:
+        shape = (rows, *shape)
     return torch.zeros(shape, dtype=torch.float32, device=adapter.device)
 
 
 # ----------------------------------------------------------------------------------------
 # One batch's scores
 # ----------------------------------------------------------------------------------------
-def _input_edge_block(context: DiscoveryContext, settings: EapIgSettings, engine: PatchingEngine) -> BlockFunction:
+def _input_edge_block(context: DiscoveryContext, settings: EapIgSettings, engine: PatchingEngine, per_example: bool = False) -> BlockFunction:
     """Edge scores of EAP-IG-inputs, as `eap.attribution_scores` computes a batch's: the clean
     outputs come from the gradient passes themselves, so no separate clean forward is run."""
     runs = _input_runs(context, settings)
-    return lambda batch: eap.attribution_block(context, engine, runs, batch)
+    return lambda batch: eap.attribution_block(context, engine, runs, batch, per_example)
 
 
-def _gradient_block(context: DiscoveryContext, settings: EapIgSettings, pgraph, engine: PatchingEngine, zeros: torch.Tensor) -> BlockFunction:
-    """One batch's sum of delta . gradient over its `_runs`: edge [U, V], per-position [G, G, U, V] or neuron [L, n] scores."""
+def _gradient_block(
+    context: DiscoveryContext, settings: EapIgSettings, pgraph, engine: PatchingEngine, zeros: torch.Tensor, per_example: bool = False
+) -> BlockFunction:
+    """One batch's sum of delta . gradient over its `_runs`: edge [U, V], per-position [G, G, U, V] or neuron [L, n] scores;
+    per_example (not for per-position graphs): each example's [B, ...] instead of their sum."""
     graph, adapter = context.graph, context.adapter
     device = adapter.device
     neurons = settings.granularity == "neuron"
@@ -341,8 +382,8 @@ def _gradient_block(context: DiscoveryContext, settings: EapIgSettings, pgraph, 
 
     def block_of(batch: TaskData) -> torch.Tensor:
         state = engine.batch_state(batch)
-        scores = torch.zeros_like(zeros)
         B = state.batch.n
+        scores = zeros.new_zeros((B, *zeros.shape)) if per_example else torch.zeros_like(zeros)
         groups = pgraph.layout.assign(state.batch).to(device) if G else None
         post_pair = ablation_source.pair(state.batch) if neurons else None
         delta = None if neurons else (state.ablation_outputs - state.clean.outputs).float()  # [U, B, P, d]
@@ -353,7 +394,10 @@ def _gradient_block(context: DiscoveryContext, settings: EapIgSettings, pgraph, 
                 for layer, gr in run.grads.post_grads.items():
                     if run.rows[0] <= layer < run.rows[1]:
                         summed = gr.float().unflatten(0, (k, B)).sum(0)
-                        scores[layer] += weight * (post_delta[layer] * summed).sum((0, 1))
+                        if per_example:  # [B, P, n] summed over positions only
+                            scores[:, layer] += weight * (post_delta[layer] * summed).sum(1)
+                        else:
+                            scores[layer] += weight * (post_delta[layer] * summed).sum((0, 1))
                 continue
             lo, hi = run.rows
             for lg in run.grads.layers:
@@ -362,6 +406,10 @@ def _gradient_block(context: DiscoveryContext, settings: EapIgSettings, pgraph, 
                     continue
                 grads = lg.grads.float().unflatten(1, (k, B)).sum(1)  # [n, B, P, d]
                 cols = slice(lg.inputs.start, lg.inputs.stop)
+                if G == 0 and per_example:  # [B, n_rows, P*d] @ [B, P*d, V_layer]
+                    block = torch.bmm(delta[lo:n_up].flatten(2).transpose(0, 1), grads.flatten(2).permute(1, 2, 0))
+                    scores[:, lo:n_up, cols] += weight * block
+                    continue
                 if G == 0:
                     scores[lo:n_up, cols] += weight * (delta[lo:n_up].flatten(1) @ grads.flatten(1).T)
                     continue

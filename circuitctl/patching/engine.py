@@ -187,13 +187,19 @@ class PatchingEngine:
         chunk: int = 8,
         on_batch: Callable[[], None] | None = None,
         prepare: Callable[[BatchState], BatchState] | None = None,
+        per_example: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Dataset-mean metric [K] (float64) of K patched runs described by `masks` [K, ...].
 
         `logits_of(piece, masks[lo:hi]) -> [k, b, vocab]` runs one piece of a batch with `chunk`
-        masks at a time; `prepare(state)` adds what a kind of circuit needs per batch (its extras)."""
+        masks at a time; `prepare(state)` adds what a kind of circuit needs per batch (its extras).
+        `per_example`: a float64 [K, N] tensor that also receives every example's value (row order
+        of `data`; under torchrun every rank ends with all of them), from the same runs."""
         K = masks.shape[0]
         totals = torch.zeros(K, dtype=torch.float64)
+        row = distributed.shard_range(self.data.n)[0]  # this rank's first example
+        if per_example is not None:
+            per_example.zero_()
         for state in self.local_states():
             if prepare is not None:
                 state = prepare(state)
@@ -201,8 +207,13 @@ class PatchingEngine:
                 part = masks[lo : lo + chunk].to(self.adapter.device)
                 values = self.patched_values(state, lambda piece: logits_of(piece, part))
                 totals[lo : lo + chunk] += values.double().sum(1).cpu()
+                if per_example is not None:
+                    per_example[lo : lo + chunk, row : row + state.n] = values.double().cpu()
+            row += state.n
             if on_batch:
                 on_batch()
+        if per_example is not None:
+            per_example.copy_(distributed.all_reduce_sum(per_example))
         return distributed.all_reduce_sum(totals) / self.data.n
 
     # -- edge patching (exact patching, ACDC) ---------------------------------------------------
@@ -226,6 +237,15 @@ class PatchingEngine:
     def full_and_empty(self) -> tuple[float, float]:
         """m(M) (nothing ablated) and m(empty) (every edge ablated)."""
         return self.clean_value(), float(self.metric_values(self.graph.edge_mask[None].clone())[0])
+
+    def clean_values_per_example(self) -> torch.Tensor:
+        """The full model's metric on every example: float64 [N] (all of them under torchrun too)."""
+        values = torch.zeros(self.data.n, dtype=torch.float64)
+        row = distributed.shard_range(self.data.n)[0]
+        for state in self.local_states():
+            values[row : row + state.n] = self.metric_of_logits(state.clean.logits, state).double().cpu()
+            row += state.n
+        return distributed.all_reduce_sum(values)
 
     def clean_value(self) -> float:
         if self._clean_value is None:

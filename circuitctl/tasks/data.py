@@ -50,6 +50,18 @@ class TaskData:
             {k: v[start:stop] for k, v in self.positions.items()},
         )
 
+    def take(self, indices: torch.Tensor) -> "TaskData":
+        """The examples at `indices` (a LongTensor; repeats allowed: a bootstrap resample), in that order."""
+        indices = indices.to(self.clean.device)
+        return TaskData(
+            self.clean[indices],
+            self.corrupt[indices],
+            self.lengths[indices],
+            self.answers[indices],
+            self.wrong[indices],
+            {k: v[indices.to(v.device)] for k, v in self.positions.items()},
+        )
+
     def repeat(self, times: int) -> "TaskData":
         """The examples stacked `times` times (copy-major): metrics over K stacked trials or steps."""
         if times == 1:

@@ -1,0 +1,1 @@
+"""`circuitctl compare RUN_DIR RUN_DIR [...] [--out DIR]` (placeholder, filled below)."""
