@@ -63,8 +63,12 @@ def stability(
     n_seeds: int = 1,
     force: bool = False,
     resume: bool = False,
+    rerun: bool = False,
 ) -> StabilitySummary:
-    """Run the stability analysis of `config`'s discovery and write stability.json and stability.png to `out_dir`."""
+    """Run the stability analysis of `config`'s discovery and write stability.json and stability.png to `out_dir`.
+
+    rerun: rerun the method on every resample even where per-example contributions would give
+    the same circuits without reruns (EAP, EAP-IG): a check of that shortcut, at the cost of the reruns."""
     from circuitctl.batching import collect_notes
     from circuitctl.io.files import refuse_overwrite, remove_if_empty
     from circuitctl.runner import cap_batch_size
@@ -94,7 +98,7 @@ def stability(
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         with collect_notes() as notes:
-            record, png = _analyse(config, config_dir, checkpoint, n_resamples, n_seeds, resume, notes)
+            record, png = _analyse(config, config_dir, checkpoint, n_resamples, n_seeds, resume, rerun, notes)
     except BaseException:
         if not existed:
             remove_if_empty(out_dir)
@@ -114,7 +118,9 @@ def _checkpoint(out_dir: Path, config: RunConfig, n_resamples: int, n_seeds: int
     return Checkpoint(out_dir, f"{config_hash(config)}-stability-{n_resamples}x{n_seeds}")
 
 
-def _analyse(config: RunConfig, config_dir, checkpoint, n_resamples: int, n_seeds: int, resume: bool, notes: list[str]) -> tuple[dict, bytes]:
+def _analyse(
+    config: RunConfig, config_dir, checkpoint, n_resamples: int, n_seeds: int, resume: bool, rerun: bool, notes: list[str]
+) -> tuple[dict, bytes]:
     from circuitctl.config.methods import METHODS
     from circuitctl.session import open_session
 
@@ -129,7 +135,7 @@ def _analyse(config: RunConfig, config_dir, checkpoint, n_resamples: int, n_seed
         full, runs = _restore(checkpoint, n_resamples * n_seeds, session)
         fast = False
     else:
-        full = _full_data_run(config, config_dir, session, checkpoint, resume and checkpoint.exists)
+        full = _full_data_run(config, config_dir, session, checkpoint, resume and checkpoint.exists, per_example=not rerun)
         fast = full.result.per_example is not None
         runs = None
     how = "per-example contributions (no reruns)" if fast else f"reruns of {config.method.name}"
@@ -195,10 +201,10 @@ def _selected(config: RunConfig, space, result) -> tuple[torch.Tensor, torch.Ten
     return scores, membership, chosen_by
 
 
-def _full_data_run(config: RunConfig, config_dir, session, checkpoint, resume: bool) -> _Full:
+def _full_data_run(config: RunConfig, config_dir, session, checkpoint, resume: bool, per_example: bool) -> _Full:
     """The method on all the examples, keeping per-example contributions where it can (not with
     mean ablation: see the module's docstring). Its own checkpoint lives in OUT/checkpoint."""
-    per_example = config.ablation.type != "mean"
+    per_example = per_example and config.ablation.type != "mean"
     context = _context(config, config_dir, session, session.data, config.seed, checkpoint, resume, per_example)
     try:
         result = _discover(config, context)
@@ -335,7 +341,7 @@ def _record(config: RunConfig, session, full: _Full, runs: _Runs, n_resamples: i
     vs_full = jaccard_matrix(torch.cat([full_members[None], members]))[0, 1:]
     correlations = [spearman(row, full_scores) for row in scores]
     defined = [c for c in correlations if c is not None]
-    sizes = members.sum(1).float()
+    sizes = members.sum(1).double()
 
     order = sorted(range(len(names)), key=lambda i: (-float(frequency[i]), names[i]))
     core = [names[i] for i in order if float(frequency[i]) >= CORE_FREQUENCY]
@@ -376,6 +382,10 @@ def _record(config: RunConfig, session, full: _Full, runs: _Runs, n_resamples: i
         "core": core,
         "contingent": contingent,
         "faithfulness": _core_faithfulness(config, session, full, core_membership),
+        "runs": [
+            {"resample": r // n_seeds, "seed": config.seed + r % n_seeds, "n_in_circuit": int(sizes[r]), "jaccard_vs_full": float(vs_full[r]), "spearman_vs_full": correlations[r]}
+            for r in range(runs.done)
+        ],
         space.unit: units,
         "provenance": report_provenance(config),
     }

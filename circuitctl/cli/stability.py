@@ -22,6 +22,7 @@ def stability(
     out: Optional[Path] = typer.Option(None, "--out", help="where to write stability.json/.png (default: OUTPUT_DIR/stability, or runs/<task>-<method>-stability-<time>)"),
     force: bool = typer.Option(False, "--force", help="replace an earlier stability.json/.png in the output directory"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue an interrupted stability analysis from its checkpoint in DIR"),
+    rerun: bool = typer.Option(False, "--rerun", help="rerun EAP / EAP-IG on every resample instead of reusing per-example score contributions (a check: same circuits)"),
 ) -> None:
     """Rerun discovery on bootstrap resamples of the examples: how often each unit is chosen, and the core circuit."""
     from circuitctl.analysis.stability import stability as run_stability
@@ -32,7 +33,7 @@ def stability(
     if resume is not None and out is not None and Path(out) != Path(resume):
         raise UsageError("--resume DIR continues the analysis in DIR; leave out --out or give the same directory")
     out_dir = resume or out or default_out_dir(run_config)
-    summary = run_stability(run_config, config.parent, out_dir, bootstrap, seeds, force, resume is not None)
+    summary = run_stability(run_config, config.parent, out_dir, bootstrap, seeds, force, resume is not None, rerun)
     console.print(stability_table(summary.record, summary.files))
     for note in summary.notes:
         console.print(f"note: {note}")
