@@ -193,9 +193,10 @@ def pair(a: Run, b: Run) -> dict:
 
     ca, cb = a.circuit, b.circuit
     scored = [n for n in a.units if a.score(n) is not None and b.score(n) is not None]
-    rho = None
+    rho = rho_abs = None
     if scored:
-        rho = spearman(torch.tensor([a.score(n) for n in scored]), torch.tensor([b.score(n) for n in scored]))
+        sa, sb = torch.tensor([a.score(n) for n in scored]), torch.tensor([b.score(n) for n in scored])
+        rho, rho_abs = spearman(sa, sb), spearman(sa.abs(), sb.abs())
 
     def only(mine: Run, other: Run, names: set) -> list[dict]:
         rows = [{"unit": n, f"score_{'a' if mine is a else 'b'}": mine.score(n), f"score_{'b' if mine is a else 'a'}": other.score(n)} for n in names]
@@ -209,7 +210,8 @@ def pair(a: Run, b: Run) -> dict:
         "n_shared": len(ca & cb),
         "n_only_a": len(ca - cb),
         "n_only_b": len(cb - ca),
-        "spearman": rho,
+        "spearman": rho,  # of the signed scores
+        "spearman_abs": rho_abs,  # of |score| (the ranking circuits are usually selected by)
         "n_scored": len(scored),
         "only_a": only(a, b, ca - cb),
         "only_b": only(b, a, cb - ca),
@@ -281,10 +283,10 @@ def render_markdown(record: dict) -> str:
     lines += ["", "f undefined is shown as 'undefined'; 'n/a': the run has no faithfulness report.", "", "## Pairs", ""]
     lines.append(
         markdown.table(
-            ["a", "b", f"Jaccard ({unit})", "Jaccard (nodes)", "shared", "only a", "only b", f"Spearman (scores, {unit})"],
+            ["a", "b", f"Jaccard ({unit})", "Jaccard (nodes)", "shared", "only a", "only b", "Spearman: scores / |scores|", f"{unit} scored by both"],
             [
                 [p["a"], p["b"], f"{p['jaccard']:.3f}", f"{p['node_jaccard']:.3f}", p["n_shared"], p["n_only_a"], p["n_only_b"],
-                 "n/a" if p["spearman"] is None else f"{p['spearman']:.3f} ({p['n_scored']} {unit})"]
+                 f"{_rho(p['spearman'])} / {_rho(p['spearman_abs'])}", p["n_scored"]]
                 for p in record["pairs"]
             ],
         )
@@ -309,6 +311,10 @@ def render_markdown(record: dict) -> str:
         lines.append(markdown.table([unit, "in", *[f"score in {label}" for label in labels]],
                                     [[u["unit"], u["run"], *[_score(u["scores"][label]) for label in labels]] for u in record["unique"]]))
     return "\n".join(lines) + "\n"
+
+
+def _rho(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _score(value) -> str:

@@ -332,7 +332,7 @@ def _record(config: RunConfig, session, full: _Full, runs: _Runs, n_resamples: i
     scores = runs.scores[: runs.done][:, mask]  # [R, n_units]
     members = runs.membership[: runs.done][:, mask]
     full_scores, full_members = full.scores[mask], full.membership[mask]
-    frequency = members.float().mean(0)
+    frequency = members.double().mean(0)  # float64: 18 of 20 is 0.9, the core threshold itself
     ci = torch.quantile(scores.double(), torch.tensor([0.025, 0.975], dtype=torch.float64), dim=0)  # [2, n_units]
     score_mean = scores.double().mean(0)
 
@@ -340,7 +340,7 @@ def _record(config: RunConfig, session, full: _Full, runs: _Runs, n_resamples: i
     upper = pairs[torch.triu(torch.ones_like(pairs, dtype=torch.bool), diagonal=1)]
     vs_full = jaccard_matrix(torch.cat([full_members[None], members]))[0, 1:]
     correlations = [spearman(row, full_scores) for row in scores]
-    defined = [c for c in correlations if c is not None]
+    correlations_abs = [spearman(row.abs(), full_scores.abs()) for row in scores]
     sizes = members.sum(1).double()
 
     order = sorted(range(len(names)), key=lambda i: (-float(frequency[i]), names[i]))
@@ -377,18 +377,31 @@ def _record(config: RunConfig, session, full: _Full, runs: _Runs, n_resamples: i
             "min": float(upper.min()),
             "vs_full": {"mean": float(vs_full.mean()), "min": float(vs_full.min())},
         },
-        "spearman_vs_full": {"mean": sum(defined) / len(defined), "min": min(defined)} if defined else None,
+        "spearman_vs_full": _mean_min(correlations),  # signed scores
+        "spearman_abs_vs_full": _mean_min(correlations_abs),  # |score|
         "circuit_size": {"full": int(full_members.sum()), "mean": float(sizes.mean()), "min": int(sizes.min()), "max": int(sizes.max())},
         "core": core,
         "contingent": contingent,
         "faithfulness": _core_faithfulness(config, session, full, core_membership),
         "runs": [
-            {"resample": r // n_seeds, "seed": config.seed + r % n_seeds, "n_in_circuit": int(sizes[r]), "jaccard_vs_full": float(vs_full[r]), "spearman_vs_full": correlations[r]}
+            {
+                "resample": r // n_seeds,
+                "seed": config.seed + r % n_seeds,
+                "n_in_circuit": int(sizes[r]),
+                "jaccard_vs_full": float(vs_full[r]),
+                "spearman_vs_full": correlations[r],
+                "spearman_abs_vs_full": correlations_abs[r],
+            }
             for r in range(runs.done)
         ],
         space.unit: units,
         "provenance": report_provenance(config),
     }
+
+
+def _mean_min(values: list) -> dict | None:
+    defined = [v for v in values if v is not None]
+    return {"mean": sum(defined) / len(defined), "min": min(defined)} if defined else None
 
 
 def _core_faithfulness(config: RunConfig, session, full: _Full, core: torch.Tensor) -> dict:

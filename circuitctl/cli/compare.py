@@ -46,9 +46,9 @@ def runs_table(record: dict) -> Table:
 
 def pairs_table(record: dict) -> Table:
     table = Table(title="pairs")
-    for column in ("a", "b", "Jaccard", "Jaccard (nodes)", "shared / only a / only b", "Spearman"):
+    for column in ("a", "b", "Jaccard", "Jaccard (nodes)", "shared / only a / only b", "Spearman: scores / |scores|"):
         table.add_column(column)
     for p in record["pairs"]:
-        rho = "n/a" if p["spearman"] is None else f"{p['spearman']:.3f}"
+        rho = " / ".join("n/a" if r is None else f"{r:.3f}" for r in (p["spearman"], p["spearman_abs"]))
         table.add_row(escape(p["a"]), escape(p["b"]), f"{p['jaccard']:.3f}", f"{p['node_jaccard']:.3f}", f"{p['n_shared']} / {p['n_only_a']} / {p['n_only_b']}", rho)
     return table

@@ -60,8 +60,9 @@ def stability_table(record: dict, files: list[str]) -> Table:
     j = record["jaccard"]
     table.add_row("Jaccard between resamples", f"mean {j['mean']:.3f}, min {j['min']:.3f}")
     table.add_row("Jaccard with the full-data circuit", f"mean {j['vs_full']['mean']:.3f}, min {j['vs_full']['min']:.3f}")
-    rho = record["spearman_vs_full"]
-    table.add_row("Spearman of scores with the full data", "n/a" if rho is None else f"mean {rho['mean']:.3f}, min {rho['min']:.3f}")
+    for key, what in (("spearman_vs_full", "scores"), ("spearman_abs_vs_full", "|scores|")):
+        rho = record[key]
+        table.add_row(f"Spearman of {what} with the full data", "n/a" if rho is None else f"mean {rho['mean']:.3f}, min {rho['min']:.3f}")
     f = record["faithfulness"]
     table.add_row(f"core (in >= {100 * record['core_frequency']:.0f} %)", f"{len(record['core'])} {unit}; f(core) = {format_f(f['core'])}")
     table.add_row("f of the full-data circuit", format_f(f["full_circuit"]))

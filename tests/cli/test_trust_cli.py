@@ -154,7 +154,7 @@ def test_an_interrupted_stability_analysis_resumes_to_the_same_result(tmp_path, 
     calls.update(n=0, stop=None)
     resumed = stability(config, ROOT / "configs", tmp_path / "cut", n_resamples=6, resume=True).record
     assert calls["n"] == 3  # resamples 3-5 only: neither all the data nor the finished ones again
-    for key in ("jaccard", "runs", "core", "contingent", "edges", "faithfulness", "spearman_vs_full"):
+    for key in ("jaccard", "runs", "core", "contingent", "edges", "faithfulness", "spearman_vs_full", "spearman_abs_vs_full"):
         assert resumed[key] == whole[key], key
     assert not (tmp_path / "cut" / "checkpoint").exists()
 

@@ -171,6 +171,9 @@ def test_the_bootstrap_from_contributions_equals_rerunning_the_method(method, tm
     for a, b in zip(fast["runs"], slow["runs"]):
         assert a["n_in_circuit"] == b["n_in_circuit"] and a["jaccard_vs_full"] == b["jaccard_vs_full"]
     assert fast["jaccard"] == slow["jaccard"] and fast["core"] == slow["core"]
+    runs = fast["n_runs"]
+    assert all(u["frequency"] == round(u["frequency"] * runs) / runs for u in fast["edges"].values())  # k of n runs, exactly
+    assert set(fast["core"]) == {e for e, u in fast["edges"].items() if u["frequency"] >= 0.9}
     for edge, unit in fast["edges"].items():
         assert unit["frequency"] == slow["edges"][edge]["frequency"], edge
         assert unit["score_mean"] == pytest.approx(slow["edges"][edge]["score_mean"], abs=1e-5), edge
@@ -184,7 +187,8 @@ def test_a_run_compared_with_itself_agrees_perfectly(tmp_path):
     shutil.copytree(GOLDEN / "demo", run)
     record = compare([run, run], tmp_path / "out").record
     (pair,) = record["pairs"]
-    assert pair["jaccard"] == 1.0 and pair["node_jaccard"] == 1.0 and pair["spearman"] == pytest.approx(1.0)
+    assert pair["jaccard"] == 1.0 and pair["node_jaccard"] == 1.0
+    assert pair["spearman"] == pytest.approx(1.0) and pair["spearman_abs"] == pytest.approx(1.0)
     assert pair["n_only_a"] == pair["n_only_b"] == 0 and pair["n_shared"] == 39 and pair["n_scored"] == 110
     assert [r["label"] for r in record["runs"]] == ["demo", "demo (2)"]
 
@@ -198,7 +202,7 @@ def test_eap_and_exact_patching_rank_edges_alike_where_eap_is_exact(name, tmp_pa
         discover(planted_config(name, method, top_n, f"output.dir={tmp_path / method}"))
     record = compare([tmp_path / "eap", tmp_path / "exact"], tmp_path / "out").record
     (pair,) = record["pairs"]
-    assert pair["spearman"] == pytest.approx(1.0) and pair["jaccard"] == 1.0
+    assert pair["spearman"] == pytest.approx(1.0) and pair["spearman_abs"] == pytest.approx(1.0) and pair["jaccard"] == 1.0
     assert pair["n_scored"] == record["runs"][0]["n_total"]
 
 
