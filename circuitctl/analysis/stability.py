@@ -155,7 +155,7 @@ def _analyse(
 class _Full:
     """The run on all the examples: its result, space, circuit and the evaluator's inputs."""
 
-    result: object  # DiscoveryResult (scores, per_example)
+    result: object  # DiscoveryResult (scores, per_example); None when restored from a checkpoint
     space: object
     scores: torch.Tensor
     membership: torch.Tensor
@@ -171,7 +171,7 @@ def _context(config: RunConfig, config_dir, session, data, seed: int, checkpoint
 
 
 def _discover(config: RunConfig, context):
-    """One run of the config's method, checked: one circuit, finite scores of the space's shape."""
+    """One run of the config's method on `context.data`, seeded; a sweep (several circuits) is refused."""
     from circuitctl.methods.base import run_method
     from circuitctl.session import seed_everything
 
@@ -191,13 +191,14 @@ def _space_of(result, session):
     return result.space if result.space is not None else EdgeSpace(session.adapter.graph)
 
 
-def _selected(config: RunConfig, space, result) -> tuple[torch.Tensor, torch.Tensor, str]:
+def _selected(config: RunConfig, space, scores: torch.Tensor, native: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(scores, circuit, the rule that chose it): the config's selection, as `discover` applies it."""
     from circuitctl.circuits.selection import select
     from circuitctl.runner import check_scores
 
-    check_scores(result.scores, space, config.method.name)
-    scores = result.scores.float().cpu()
-    membership, chosen_by = select(scores, space, config.selection, result.membership, config.method.name)
+    check_scores(scores, space, config.method.name)
+    scores = scores.float().cpu()
+    membership, chosen_by = select(scores, space, config.selection, native, config.method.name)
     return scores, membership, chosen_by
 
 
@@ -214,7 +215,7 @@ def _full_data_run(config: RunConfig, config_dir, session, checkpoint, resume: b
             f"Resume with: circuitctl evaluate stability CONFIG --resume {checkpoint.dir.parent}"
         ) from None
     space = _space_of(result, session)
-    scores, membership, chosen_by = _selected(config, space, result)
+    scores, membership, chosen_by = _selected(config, space, result.scores, result.membership)
     checkpoint.clear()  # the method's own progress is complete
     return _Full(result, space, scores, membership, chosen_by)
 
@@ -230,17 +231,9 @@ def _from_contributions(full: _Full, indices: torch.Tensor, config: RunConfig) -
 
     with bar("stability: selecting resampled circuits", scores.shape[0]) as advance:
         for r in range(scores.shape[0]):
-            membership[r] = _selected(config, full.space, _Scores(scores[r]))[1]
+            membership[r] = _selected(config, full.space, scores[r], None)[1]
             advance()
     return _Runs(scores.shape[0], scores, membership)
-
-
-@dataclass
-class _Scores:
-    """A method result made of scores only (what selection needs of a resample's result)."""
-
-    scores: torch.Tensor
-    membership: torch.Tensor | None = None
 
 
 def _reruns(config: RunConfig, config_dir, session, full: _Full, indices: torch.Tensor, n_seeds: int, checkpoint, runs: _Runs | None) -> _Runs:
@@ -278,7 +271,7 @@ def _reruns(config: RunConfig, config_dir, session, full: _Full, indices: torch.
                         f"method {config.method.name} scored {tuple(result.scores.shape)} units on resample {resample} "
                         f"but {shape} on all the examples; stability needs the same units on every resample"
                     )
-                scores, membership, _ = _selected(config, full.space, result)
+                scores, membership, _ = _selected(config, full.space, result.scores, result.membership)
                 runs.scores[r], runs.membership[r] = scores, membership
                 state["runs"] = _Runs(r + 1, runs.scores, runs.membership)  # row r is complete
                 runs = state["runs"]

@@ -159,6 +159,36 @@ def test_an_interrupted_stability_analysis_resumes_to_the_same_result(tmp_path, 
     assert not (tmp_path / "cut" / "checkpoint").exists()
 
 
+def test_an_interrupted_eap_ig_run_of_the_stability_analysis_resumes(tmp_path, monkeypatch):
+    """The shortcut's one EAP-IG run over all the examples, stopped by Ctrl-C after 2 of 6 batches,
+    resumes from its checkpoint (its per-example rows) to the record of an uninterrupted analysis."""
+    from circuitctl.analysis.stability import stability
+    from circuitctl.config.load import load_config
+    from circuitctl.errors import InterruptedRun
+    from circuitctl.methods import eap
+
+    config = load_config(ROOT / PLANTED[0], [*PLANTED[1:], "method.name=eap_ig", "method.batch_size=4"])
+    whole = stability(config, ROOT / "configs", tmp_path / "whole", n_resamples=5).record
+    calls = {"n": 0, "stop": 3}
+    original = eap.attribution_block
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == calls["stop"]:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(eap, "attribution_block", counted)
+    with pytest.raises(InterruptedRun, match="evaluate stability CONFIG --resume"):
+        stability(config, ROOT / "configs", tmp_path / "cut", n_resamples=5)
+    calls.update(n=0, stop=None)
+    resumed = stability(config, ROOT / "configs", tmp_path / "cut", n_resamples=5, resume=True).record
+    assert calls["n"] == 4  # batches 3-6 only
+    assert resumed["how"].startswith("per-example")
+    for key in ("jaccard", "runs", "core", "edges", "faithfulness"):
+        assert resumed[key] == whole[key], key
+
+
 STOCHASTIC_PLUGIN = {
     "noisy_plugin/__init__.py": '''
         from typing import Literal
