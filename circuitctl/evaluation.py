@@ -37,7 +37,9 @@ def evaluate_faithfulness(
     check_graph(loaded, session.adapter.graph)
     space = space_for(loaded.record["space"], session.adapter, session.data)
     scores, membership = space.read(loaded.record, loaded.origin)
-    evaluator = CircuitEvaluator(space, session.adapter, session.data, session.metric, config.ablation, batch_size or config.method.batch_size)
+    evaluator = CircuitEvaluator(
+        space, session.adapter, session.data, session.metric, config.ablation, batch_size or config.method.batch_size, config.cache_gib
+    )
     known_report = against_known_units(known, space, scores, membership) if known is not None else None
     report = faithfulness_report(circuit_path, config, evaluator, scores, membership, known_report, curve_rule)
     write_report(targets, asdict(report), plot_curve(report))

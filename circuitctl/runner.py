@@ -168,7 +168,9 @@ def _discover_into(
     session = open_session(config, config_dir)
     timings["load"] = time.perf_counter() - started
     checkpoint = Checkpoint(run_dir, config_hash(config))
-    context = DiscoveryContext(session.adapter, session.data, session.metric, config.ablation, config.seed, run_dir, checkpoint, resume, config_dir)
+    context = DiscoveryContext(
+        session.adapter, session.data, session.metric, config.ablation, config.seed, run_dir, checkpoint, resume, config_dir, config.cache_gib
+    )
     t0 = time.perf_counter()
     result = run_method(context, config.method)
     timings["discovery"] = time.perf_counter() - t0
@@ -198,7 +200,7 @@ def finish(run_dir: Path, config: RunConfig, session, result, timings: dict[str,
         circuits.append(_Circuit(label, params, point.scores.float().cpu(), membership, chosen_by, point.forward_passes, point.extra))
 
     t0 = time.perf_counter()
-    evaluator = CircuitEvaluator(space, session.adapter, session.data, session.metric, config.ablation, config.method.batch_size)
+    evaluator = CircuitEvaluator(space, session.adapter, session.data, session.metric, config.ablation, config.method.batch_size, config.cache_gib)
     m_full, m_empty = evaluator.full_and_empty()
     import torch
 

@@ -118,6 +118,12 @@ class RunConfig(Section):
     selection: SelectionConfig = SelectionConfig()
     output: OutputConfig = OutputConfig()
     seed: int = 0
+    cache_gib: Optional[float] = Field(
+        None,
+        ge=0,
+        description="accelerator memory (GiB) for the batches that evaluation and ACDC keep between uses; beyond it "
+        "they wait on the host (or are recomputed); default: half the GPU's free memory, no limit on the CPU",
+    )
     max_batch_size: Optional[int] = Field(
         None,
         ge=1,

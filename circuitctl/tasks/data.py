@@ -155,15 +155,15 @@ def tokenize_pairs(
     length = max(map(len, cleans))
 
     def pad(rows, width, value):
-        return torch.tensor([row + [value] * (width - len(row)) for row in rows], dtype=torch.long)
+        return torch.tensor([row + [value] * (width - len(row)) for row in rows], dtype=torch.long, device="cpu")
 
     return TaskData(
         clean=pad(cleans, length, pad_id),
         corrupt=pad(corrupts, length, pad_id),
-        lengths=torch.tensor([len(c) for c in cleans], dtype=torch.long),
+        lengths=torch.tensor([len(c) for c in cleans], dtype=torch.long, device="cpu"),
         answers=pad(answers, max(map(len, answers)), -1),
         wrong=pad(wrongs, max(map(len, wrongs)), -1),
-        positions={label: torch.tensor([p[label] for p in positions]) for label in sorted(labels or ())},
+        positions={label: torch.tensor([p[label] for p in positions], device="cpu") for label in sorted(labels or ())},
     )
 
 
