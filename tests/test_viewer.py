@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from viewer_records import GOLDEN, HOSTILE, golden, gpt2_small_record, hostile_payload
+from viewer_records import GOLDEN, HOSTILE, golden, gpt2_small_record, gqa_record, hostile_payload
 
 from circuitctl.errors import UsageError
 from circuitctl.viewer import payload_from_record, render_html, write_viewer
@@ -56,6 +56,12 @@ def test_payload_matches_the_circuit_file(name):
         assert {n["id"] for n in payload["nodes"] if n["kind"] == "error"} == {"attn0/err", "mlp0/err", "resid0/err"}
         assert payload["nodes"][0]["label"] == record["nodes"][payload["nodes"][0]["id"]]["label"]
     assert (payload["faithfulness"] is None) == (faithfulness is None)
+
+
+def test_kv_groups_feed_their_heads():
+    nodes = {n["id"]: n for n in payload_from_record(gqa_record())["nodes"]}
+    assert nodes["a0.g0"]["kind"] == "kv_group" and nodes["a0.g0"]["feeds"] == ["a0.h0", "a0.h1"]
+    assert nodes["a0.g1"]["feeds"] == ["a0.h2", "a0.h3"] and nodes["a0.g0"]["layer"] == 0
 
 
 def test_faithfulness_curve_points_count_units_as_the_evaluation_does():

@@ -77,3 +77,18 @@ def hostile_payload() -> dict:
         "circuit": {"unit": "edges", "n_in_circuit": 2, "n_total": 2, "selection_rule": HOSTILE},
         "explanation": explanation, "faithfulness": None,
     }
+
+
+def gqa_record() -> dict:
+    """A one-layer grouped-query-attention circuit (4 heads, 2 KV groups): input feeds the keys
+    of group a0.g0, whose head a0.h1 writes to the logits."""
+    upstream = ["input", "a0.h0", "a0.h1", "a0.h2", "a0.h3"]
+    edges = {"input->a0.h1<q>": 0.5, "input->a0.g0<k>": 0.9, "input->a0.g1<v>": 0.05, "a0.h1->logits": 0.8, "a0.h3->logits": 0.1,
+             "input->logits": 0.01}
+    return {
+        "schema_version": 1, "format": "circuitctl.circuit", "model": {"n_layers": 1}, "task": {"name": "gqa"}, "method": {"name": "eap"},
+        "selection": {"top_n": 4, "absolute": True, "prune": True}, "results": {"n_edges_in_circuit": 3},
+        "graph": {"n_layers": 1, "n_heads": 4, "has_mlps": False, "parallel_attn_mlp": False},
+        "nodes": {name: {"in_graph": True, "score": None} for name in upstream + ["logits"]},
+        "edges": {name: {"score": score, "in_graph": name in ("input->a0.h1<q>", "input->a0.g0<k>", "a0.h1->logits")} for name, score in edges.items()},
+    }

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from viewer_records import HOSTILE, golden, gpt2_small_record, hostile_payload, top_n
+from viewer_records import HOSTILE, golden, gpt2_small_record, gqa_record, hostile_payload, top_n
 
 from circuitctl.viewer import payload_from_record, render_html
 
@@ -102,15 +102,35 @@ def test_top_n_with_tree_shaking_reproduces_the_recorded_circuit(browser, tmp_pa
     assert browser.console_errors() == []
 
 
-def test_edge_toggles_hide_channels(browser, tmp_path):
+def test_tree_shaking_follows_kv_groups_to_their_heads(browser, tmp_path):
+    record = gqa_record()
+    browser.open(write_page(tmp_path, record))
+    browser.set_slider(4)  # top 4: input->a0.g0<k>, a0.h1->logits, input->a0.h1<q>, a0.h3->logits
+    # a0.h3 reads nothing selected: pruned; the group's key input reaches the logits through a0.h1
+    assert set(browser.drawn_edges()) == in_circuit(record)
+    assert browser.console_errors() == []
+
+
+def test_edge_toggles_and_node_search(browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
     record, _ = golden("demo")
     browser.open(write_page(tmp_path, record))
     for channel in "qkv":
-        browser.js(f"document.getElementById('toggle-{channel}').click()")
+        browser.driver.find_element(By.ID, f"toggle-{channel}").click()
     drawn = browser.drawn_edges()
-    assert drawn and not any(name.endswith((">",)) for name in drawn)
-    assert set(drawn) == {e for e in in_circuit(record) if not e.endswith(">")}
-    assert int(browser.text("#unit-count")) == 39 and int(browser.text("#edge-count")) == len(drawn)
+    assert drawn and set(drawn) == {e for e in in_circuit(record) if not e.endswith(">")}  # MLP and logits inputs
+    browser.driver.find_element(By.ID, "toggle-logits").click()
+    assert set(browser.drawn_edges()) == {e for e in in_circuit(record) if e.split("->")[1] in ("m0", "m1")}
+    assert int(browser.text("#unit-count")) == 39 and int(browser.text("#edge-count")) == len(browser.drawn_edges())
+    search = browser.driver.find_element(By.ID, "search")
+    search.send_keys("a1.h")
+    matches = browser.js("return Array.from(document.querySelectorAll('.node.match')).map(n => n.dataset.id)")
+    assert sorted(matches) == ["a1.h0", "a1.h1", "a1.h2", "a1.h3"] and browser.text("#search-count") == "4 matches"
+    search.send_keys(Keys.ENTER)
+    assert browser.text("#details h2") == "a1.h0"
+    browser.screenshot(tmp_path, "search")
 
 
 def test_clicking_a_node_shows_its_score_and_edges(browser, tmp_path):
@@ -150,7 +170,7 @@ def test_hovering_an_edge_shows_name_score_channel_and_positions(browser, tmp_pa
 def test_per_position_views_render_positions_as_columns(browser, tmp_path):
     record, faithfulness = golden("pos_edge")
     browser.open(write_page(tmp_path, record, faithfulness))
-    assert browser.js("return Array.from(document.querySelectorAll('.column-label')).map(t => t.textContent)") == record["positions"]["names"]
+    assert browser.js("return Array.from(document.querySelectorAll('.column-label text')).map(t => t.textContent)") == record["positions"]["names"]
     assert int(browser.text("#edge-count")) == record["results"]["n_edges_in_circuit"] == 16
     inside = browser.js(
         """const band = document.querySelector('.column-band[data-column="S2"]').getBBox();
@@ -260,7 +280,7 @@ def test_hostile_names_stay_inert_text(browser, tmp_path):
     assert browser.js("return document.scripts.length") == 2  # the data and the viewer, nothing injected
     assert browser.js("return document.querySelectorAll('img, b').length") == 0
     assert browser.text("#title") == HOSTILE
-    assert HOSTILE in browser.js("return Array.from(document.querySelectorAll('.column-label')).map(t => t.textContent)")
+    assert HOSTILE in browser.js("return Array.from(document.querySelectorAll('.column-label title')).map(t => t.textContent)")
     browser.js("document.querySelector('.node.head').dispatchEvent(new MouseEvent('click', {bubbles: true}))")
     assert browser.text("#details h2") == f"a0.h0@{HOSTILE}"
     assert browser.text("#details [data-field=label]") == "<img src=x onerror=alert(2)>"

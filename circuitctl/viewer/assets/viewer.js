@@ -181,21 +181,30 @@
   rows.forEach(function (r, i) { height += rowLines[i] * LINE_H + ROW_GAP; });
   var yCursor = height - BOTTOM;
   rows.forEach(function (r, i) { rowY.push(yCursor - NODE_H / 2 - 6); yCursor -= rowLines[i] * LINE_H + ROW_GAP; });
-  Object.keys(cells).forEach(function (key) {
-    var parts = key.split("|"), r = +parts[0], c = +parts[1], cell = cells[key];
-    var perLine = Math.min(cell.length, WRAP);
-    cell.forEach(function (n, k) {
+  function placeCell(items, r, c) {  // centre a cell's items (group nodes take two slots) in its column
+    var slots = 0;
+    items.forEach(function (item) { slots += item.slots || 1; });
+    var perLine = Math.min(slots, WRAP), k = 0;
+    var offset = (columnWidth[c] - perLine * STEP_X) / 2;
+    items.forEach(function (item) {
+      var size = item.slots || 1;
+      if (k % WRAP + size > WRAP && k % WRAP) k += WRAP - k % WRAP;
       var line = Math.floor(k / WRAP), slot = k % WRAP;
-      var offset = (columnWidth[c] - perLine * STEP_X) / 2;
-      n.x = columnX[c] + offset + slot * STEP_X + STEP_X / 2;
-      n.y = rowY[r] - line * LINE_H;
+      item.x = columnX[c] + offset + (slot + size / 2) * STEP_X;
+      item.y = rowY[r] - line * LINE_H;
+      k += size;
     });
+  }
+  Object.keys(cells).forEach(function (key) {
+    var parts = key.split("|");
+    placeCell(cells[key], +parts[0], +parts[1]);
+    cells[key].forEach(function (n, rank) { n.x0 = n.x; n.y0 = n.y; n.rank = rank; n.r = +parts[0]; });
   });
 
   function rowLabel(row) {
     if (row === -1) return meta.kind === "feature" ? "embed" : "input";
     if (row === meta.n_layers) return "logits";
-    if (Number.isInteger(row)) return "layer " + row;
+    if (Number.isInteger(row) && meta.kind !== "feature") return "layer " + row;
     var names = new Set();
     nodes.forEach(function (n) { if (n.row === row) names.add(n.kind === "mlp" ? "MLP " + n.layer : n.id.split("/")[0]); });
     return Array.from(names).join(" ");
@@ -234,8 +243,11 @@
     columns.forEach(function (c, i) {
       background.appendChild(svg("rect", { "class": "column-band", x: columnX[i] - 6, y: TOP - 24, width: columnWidth[i] + 12,
         height: height - TOP - BOTTOM + 30, rx: 6, "data-column": c }));
-      background.appendChild(svg("text", { "class": "column-label", x: columnX[i] + columnWidth[i] / 2, y: TOP - 10,
-        "text-anchor": "middle", "data-column": c }, c));
+      var label = svg("g", { "class": "column-label", "data-column": c }), fits = Math.max(4, Math.floor(columnWidth[i] / 7));
+      label.appendChild(svg("title", {}, c));  // the full name on hover
+      label.appendChild(svg("text", { x: columnX[i] + columnWidth[i] / 2, y: TOP - 10, "text-anchor": "middle" },
+        c.length > fits ? c.slice(0, fits - 1) + "\u2026" : c));
+      background.appendChild(label);
     });
   }
   rows.forEach(function (layer, i) {
@@ -253,7 +265,7 @@
     return g;
   });
 
-  // grouped view: one node per (group, column), at the members' mean position
+  // grouped view: one node per (group, column); edges between members of one group are not drawn
   var groupNodes = [];
   var groupNodeOf = new Int32Array(nN).fill(-1);
   if (groups.length) {
@@ -266,29 +278,52 @@
         byKey[key] = groupNodes.length;
         var g = groups[gi];
         groupNodes.push({ gi: gi, id: String(g.id === undefined ? gi : g.id) + (n.column !== null ? "@" + n.column : ""),
-          name: String(g.name === undefined ? g.id : g.name), members: [], x: 0, y: 0, column: n.column });
+          name: String(g.name === undefined ? g.id : g.name), members: [], column: n.column });
       }
       var gn = groupNodes[byKey[key]];
       gn.members.push(n.i);
       groupNodeOf[n.i] = byKey[key];
     });
-    groupNodes.forEach(function (gn, k) {
-      gn.members.forEach(function (i) { gn.x += nodes[i].x; gn.y += nodes[i].y; });
-      gn.x /= gn.members.length; gn.y /= gn.members.length;
-      var wide = Math.max(NODE_W, 90);
-      var g = svg("g", { "class": "node group-node", "data-group": gn.id, transform: "translate(" + gn.x + "," + gn.y + ")" });
-      g.appendChild(svg("rect", { x: -wide / 2, y: -NODE_H / 2 - 2, width: wide, height: NODE_H + 4, rx: 8, fill: GROUP_PALETTE[gn.gi % GROUP_PALETTE.length] }));
-      g.appendChild(svg("text", { "text-anchor": "middle", y: 4 }, gn.name.length > 14 ? gn.name.slice(0, 13) + "\u2026" : gn.name));
+    // the grouped layout: a group sits in its top member's row, where its first member was
+    var groupedCells = {};
+    function add(key, item) { (groupedCells[key] = groupedCells[key] || []).push(item); }
+    nodes.forEach(function (n) { if (groupNodeOf[n.i] < 0) add(n.r + "|" + n.col, n); });
+    groupNodes.forEach(function (gn) {
+      gn.r = Math.max.apply(null, gn.members.map(function (i) { return nodes[i].r; }));
+      gn.rank = Math.min.apply(null, gn.members.map(function (i) { return nodes[i].rank; }));
+      gn.slots = dotMode ? 1 : 2;
+      add(gn.r + "|" + nodes[gn.members[0]].col, gn);
+    });
+    Object.keys(groupedCells).forEach(function (key) {
+      var parts = key.split("|"), cell = groupedCells[key];
+      cell.sort(function (a, b) { return a.rank - b.rank; });
+      placeCell(cell, +parts[0], +parts[1]);
+      cell.forEach(function (item) { item.gx = item.x; item.gy = item.y; });
+    });
+    nodes.forEach(function (n) { n.x = n.x0; n.y = n.y0; });
+    groupNodes.forEach(function (gn) {
+      var wide = dotMode ? 16 : 2 * STEP_X - 8, high = dotMode ? 16 : NODE_H + 4;
+      var g = svg("g", { "class": "node group-node", "data-group": gn.id, transform: "translate(" + gn.gx + "," + gn.gy + ")" });
+      g.appendChild(svg("rect", { x: -wide / 2, y: -high / 2, width: wide, height: high, rx: 8, fill: GROUP_PALETTE[gn.gi % GROUP_PALETTE.length] }));
+      if (!dotMode) g.appendChild(svg("text", { "text-anchor": "middle", y: 4 }, gn.name.length > 20 ? gn.name.slice(0, 19) + "\u2026" : gn.name));
       gn.element = g;
       g.style.display = "none";
       groupLayer.appendChild(g);
     });
   }
 
+  function moveNodes() {  // between the plain and the grouped layout
+    nodes.forEach(function (n, i) {
+      n.x = state.grouped && n.gx !== undefined ? n.gx : n.x0;
+      n.y = state.grouped && n.gy !== undefined ? n.gy : n.y0;
+      nodeElements[i].setAttribute("transform", "translate(" + n.x + "," + n.y + ")");
+    });
+  }
+
   var current = null;  // the last selection and the edges drawn for it
 
   function endpoint(i) {
-    if (state.grouped && groupNodeOf[i] >= 0) return { key: "g" + groupNodeOf[i], x: groupNodes[groupNodeOf[i]].x, y: groupNodes[groupNodeOf[i]].y };
+    if (state.grouped && groupNodeOf[i] >= 0) return { key: "g" + groupNodeOf[i], x: groupNodes[groupNodeOf[i]].gx, y: groupNodes[groupNodeOf[i]].gy };
     return { key: "n" + i, x: nodes[i].x, y: nodes[i].y };
   }
 
@@ -438,7 +473,7 @@
     row(table, "kind", n.kind, "kind");
     row(table, "row", rowLabel(n.row), "layer");
     if (n.column !== null) row(table, "position", n.column, "column");
-    row(table, "score", fmt(n.score), "score", n.score === null ? "" : String(n.score));
+    row(table, "score", fmt(n.score) + (n.score === null && rankedEdges ? " (this circuit scores edges)" : ""), "score", n.score === null ? "" : String(n.score));
     row(table, "in the recorded circuit", n.inCircuit ? "yes" : "no", "in-circuit");
     row(table, "selected now", current && current.selection.nodeSel[i] ? "yes" : "no", "selected");
     if (n.label !== null && n.label !== undefined) row(table, n.kind === "feature" ? "top tokens" : "label", n.label, "label");
@@ -634,7 +669,7 @@
     $("zoom-fit").addEventListener("click", function () { setZoom(fitZoom); });
     if (groups.length) {
       $("group-controls").hidden = false;
-      $("grouped").addEventListener("change", function () { state.grouped = this.checked; render(); });
+      $("grouped").addEventListener("change", function () { state.grouped = this.checked; moveNodes(); render(); });
       var colourBy = $("colour-by");
       colourBy.value = state.colourBy;
       colourBy.addEventListener("change", function () { state.colourBy = colourBy.value; renderNodes(current.selection); });
