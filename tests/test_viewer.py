@@ -100,6 +100,23 @@ def test_gpt2_sized_page_stays_under_5_mb():
     assert len(html.encode()) < 5_000_000
 
 
+def test_large_spaces_keep_the_circuit_and_the_strongest_units(monkeypatch):
+    from circuitctl.viewer import payload as payload_module
+
+    record = gpt2_small_record(n_in_circuit=50)
+    monkeypatch.setattr(payload_module, "MAX_EDGES", 1000)
+    payload = payload_from_record(record)
+    kept = {e["source"] + "->" + e["input"] for e in payload["edges"]}
+    strongest = sorted(record["edges"], key=lambda e: -abs(record["edges"][e]["score"]))[:1000]
+    assert kept == set(strongest) and payload["circuit"]["n_total"] == 32491 and payload["circuit"]["n_in_circuit"] == 50
+    assert [e for e in record["edges"] if e in kept] == [e["source"] + "->" + e["input"] for e in payload["edges"]]  # order kept
+    neurons = {f"m{layer}.n{i}": {"score": (i % 97) / 97 - 0.5, "in_graph": i == 48} for layer in range(2) for i in range(3072)}
+    record, _ = golden("neuron")
+    payload = payload_from_record({**record, "neurons": neurons})
+    assert len(payload["nodes"]) == payload_module.MAX_NODE_UNITS and payload["circuit"]["n_total"] == 6144
+    assert {"m0.n48", "m1.n48"} <= {n["id"] for n in payload["nodes"]}  # the circuit, though weak (|score| 0.005), stays
+
+
 def test_bad_records_are_usage_errors():
     record, _ = golden("demo")
     for bad in ([], {"nodes": {}}, {**record, "format": "something"}, {"cfg": {}, "nodes": {}, "edges": {}}, {**record, "schema_version": 99}):

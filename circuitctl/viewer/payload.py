@@ -24,6 +24,9 @@ READS_SCHEMA = 1
 # Node-ranked spaces can be large (GPT-2 small: 36,864 neurons); the page keeps the circuit's
 # units and the strongest others up to this many, which is plenty for a slider.
 MAX_NODE_UNITS = 5000
+# Likewise for edges: GPT-2 small has 32,491 (about 1 MB embedded); per-position graphs of large
+# models can have ten times more, which would pass 5 MB.
+MAX_EDGES = 100_000
 
 _NODE_KIND = {"input": "input", "head": "head", "group": "kv_group", "mlp": "mlp", "logits": "logits"}
 _NEURON_RE = re.compile(r"^m(?P<layer>\d+)\.n(?P<index>\d+)(?:@(?P<pos>.+))?$")
@@ -135,7 +138,7 @@ def _edge_circuit(record: dict) -> tuple[list[dict], list[dict], dict]:
             if node["score"] is None and node["id"] in node_scores:
                 node["score"] = _number(node_scores[node["id"]])
     scored = sum(1 for e in edges if e["score"] is not None)
-    return nodes, edges, _summary(record, "edges", sum(e["in_circuit"] for e in edges), scored)
+    return nodes, _keep_strongest(edges, MAX_EDGES), _summary(record, "edges", sum(e["in_circuit"] for e in edges), scored)
 
 
 def _node_circuit(record: dict) -> tuple[list[dict], list[dict], dict]:
@@ -152,7 +155,7 @@ def _neuron_circuit(record: dict) -> tuple[list[dict], list[dict], dict]:
             raise UsageError(f"circuit file: malformed neuron name '{name}' (expected m<layer>.n<index>)")
         nodes.append(_node(name, "neuron", int(match["layer"]), match["pos"], entry.get("score"), entry.get("in_graph", False)))
     total = len(nodes)
-    nodes = _keep_strongest(nodes)
+    nodes = _keep_strongest(nodes, MAX_NODE_UNITS)
     return nodes, [], _summary(record, "nodes", sum(n["in_circuit"] for n in nodes), total)
 
 
@@ -204,12 +207,12 @@ def _entries(mapping: dict):
         yield str(name), entry
 
 
-def _keep_strongest(nodes: list[dict]) -> list[dict]:
-    """The circuit's nodes and the strongest others, at most MAX_NODE_UNITS in all."""
-    if len(nodes) <= MAX_NODE_UNITS:
-        return nodes
-    ranked = sorted(nodes, key=lambda n: (not n["in_circuit"], -abs(n["score"] or 0.0)))
-    return ranked[:MAX_NODE_UNITS]
+def _keep_strongest(units: list[dict], limit: int) -> list[dict]:
+    """The circuit's units and the strongest others, at most `limit` in all, in their order."""
+    if len(units) <= limit:
+        return units
+    ranked = sorted(range(len(units)), key=lambda i: (not units[i]["in_circuit"], -abs(units[i]["score"] or 0.0)))
+    return [units[i] for i in sorted(ranked[:limit])]
 
 
 def _summary(record: dict, unit: str, n_in_circuit: int, n_total: int) -> dict:

@@ -67,6 +67,9 @@ def test_demo_loads_offline_and_shows_the_recorded_circuit(browser, tmp_path):
 
 
 def test_slider_draws_the_top_n_edges_by_score(browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
     record, faithfulness = golden("demo")
     browser.open(write_page(tmp_path, record, faithfulness))
     browser.js("document.getElementById('prune').click()")  # plain top-n, no tree-shaking
@@ -75,13 +78,16 @@ def test_slider_draws_the_top_n_edges_by_score(browser, tmp_path):
         assert int(browser.text("#edge-count")) == n
         assert browser.drawn_edges() and set(browser.drawn_edges()) == set(top_n(record, n))
         assert int(browser.js("return document.getElementById('curve-marker').dataset.n")) == n
+    threshold = browser.driver.find_element(By.ID, "threshold")  # typing a threshold keeps |score| >= it
+    threshold.clear()
+    threshold.send_keys("0.1", Keys.ENTER)
+    n = sum(abs(e["score"]) >= 0.1 for e in record["edges"].values())
+    assert 0 < n < 110 and int(browser.text("#edge-count")) == n and set(browser.drawn_edges()) == set(top_n(record, n))
     browser.js("document.getElementById('rank-abs').click()")  # signed ranking
     browser.set_slider(12)
     assert set(browser.drawn_edges()) == set(top_n(record, 12, absolute=False))
     assert set(top_n(record, 12, absolute=False)) != set(top_n(record, 12))  # the toggle matters here
     # the keyboard moves the real slider by one
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
 
     browser.driver.find_element(By.ID, "slider").send_keys(Keys.ARROW_RIGHT)
     assert int(browser.text("#edge-count")) == 13

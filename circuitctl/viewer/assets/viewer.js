@@ -38,6 +38,12 @@
     return String(Number(x.toPrecision(4)));
   }
 
+  function floorDigits(x) {  // x rounded down to 4 significant digits: typed back as a threshold it keeps at least these units
+    if (x === 0 || !isFinite(x)) return String(x);
+    var step = Math.pow(10, Math.floor(Math.log10(Math.abs(x))) - 3);
+    return String(Number((Math.floor(x / step) * step).toPrecision(4)));
+  }
+
   // ---------------------------------------------------------------- data
   var raw = JSON.parse($("circuit-data").textContent);
   var meta = raw.meta;
@@ -332,7 +338,7 @@
     for (var e = 0; e < nE; e++) if (selection.edgeSel[e] && state.show[TYPES[edgeType[e]]]) list.push(e);
     var capped = list.length > MAX_DRAWN;
     if (capped) list = list.sort(function (a, b) { return Math.abs(E.w[b] || 0) - Math.abs(E.w[a] || 0) || a - b; }).slice(0, MAX_DRAWN);
-    return { list: list, capped: capped, nSelected: list.length };
+    return { list: list, capped: capped };
   }
 
   function renderEdges(list) {
@@ -412,9 +418,10 @@
     $("slider").value = String(state.n);
     $("top-n").value = String(state.n);
     var order = orders[state.absolute ? "abs" : "signed"];
-    $("threshold").value = state.n > 0 && state.n <= order.length ? fmt(rankKey(unitScore(order[state.n - 1]))) : "";
-    $("slider-label").textContent = "top n " + unitName + " by " + by + " (of " + units.length + ")";
-    updateCurve(selection.nUnits);
+    $("threshold").value = state.n > 0 && state.n <= order.length ? floorDigits(rankKey(unitScore(order[state.n - 1]))) : "";
+    var ofTotal = circuit.n_total > units.length ? units.length + " strongest of " + circuit.n_total + " kept in this file" : String(units.length);
+    $("slider-label").textContent = "top n " + unitName + " by " + by + " (of " + ofTotal + ")";
+    updateCurve(state.recorded ? selection.nUnits : state.n);  // the curve keeps the top n, untree-shaken
     if (state.chosen !== null && typeof state.chosen === "number") showNode(state.chosen);
   }
 
@@ -557,6 +564,8 @@
       var k = groupNodes.findIndex(function (gn) { return gn.id === g.getAttribute("data-group"); });
       state.chosen = "group"; showGroup(k);
     } else if (path) {
+      state.chosen = null;
+      renderNodes(current.selection);
       clear(details);
       details.removeAttribute("data-node");
       details.appendChild(el("h2", {}, "edge"));
