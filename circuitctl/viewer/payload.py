@@ -9,12 +9,10 @@ are kind-independent. Nothing here imports torch.
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Callable
 
 from circuitctl.errors import UsageError
 from circuitctl.graph import naming
-from circuitctl.sae import sites
 
 FORMAT = "circuitctl.view"
 VERSION = 1
@@ -29,7 +27,6 @@ MAX_NODE_UNITS = 5000
 MAX_EDGES = 100_000
 
 _NODE_KIND = {"input": "input", "head": "head", "group": "kv_group", "mlp": "mlp", "logits": "logits"}
-_NEURON_RE = re.compile(r"^m(?P<layer>\d+)\.n(?P<index>\d+)(?:@(?P<pos>.+))?$")
 # feature sites inside a layer, in forward order, as fractional rows between layer L and L + 1
 _SITE_ROW = {"attn": 0.0, "mlp": 1 / 3, "resid": 2 / 3}
 
@@ -150,10 +147,11 @@ def _node_circuit(record: dict) -> tuple[list[dict], list[dict], dict]:
 def _neuron_circuit(record: dict) -> tuple[list[dict], list[dict], dict]:
     nodes = []
     for name, entry in _entries(record.get("neurons") or {}):
-        match = _NEURON_RE.match(name)
-        if not match:
-            raise UsageError(f"circuit file: malformed neuron name '{name}' (expected m<layer>.n<index>)")
-        nodes.append(_node(name, "neuron", int(match["layer"]), match["pos"], entry.get("score"), entry.get("in_graph", False)))
+        try:
+            layer, _ = naming.parse_neuron(name)
+        except ValueError as exc:
+            raise UsageError(f"circuit file: {exc}") from exc
+        nodes.append(_node(name, "neuron", layer, None, entry.get("score"), entry.get("in_graph", False)))
     total = len(nodes)
     nodes = _keep_strongest(nodes, MAX_NODE_UNITS)
     return nodes, [], _summary(record, "nodes", sum(n["in_circuit"] for n in nodes), total)
@@ -163,12 +161,12 @@ def _feature_circuit(record: dict) -> tuple[list[dict], list[dict], dict]:
     n_layers = int((record.get("model") or {}).get("n_layers", 0))
     nodes = {}
     for name, entry in _entries(record["nodes"]):
-        if name == sites.LOGITS:
+        if name == naming.LOGITS:
             nodes[name] = _node(name, "logits", n_layers, None, None, True)
             continue
         try:
-            node = sites.parse_node(name)
-            site = sites.parse_site(node.site)
+            node = naming.parse_feature_node(name)
+            site = naming.parse_site(node.site)
         except ValueError as exc:
             raise UsageError(f"circuit file: {exc}") from exc
         layer = -1 if site.kind == "embed" else site.layer + _SITE_ROW[site.kind]
@@ -177,7 +175,10 @@ def _feature_circuit(record: dict) -> tuple[list[dict], list[dict], dict]:
                             entry.get("in_graph", False), str(label) if label is not None else None)
     edges = []
     for name, entry in _entries(record["edges"]):
-        source, target = sites.split_edge(name)
+        try:
+            source, target = naming.split_edge(name)
+        except ValueError as exc:
+            raise UsageError(f"circuit file: {exc}") from exc
         for end in (source, target):
             if end not in nodes:
                 raise UsageError(f"circuit file: edge '{name}' names the unknown node '{end}'")
