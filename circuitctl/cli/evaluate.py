@@ -42,10 +42,14 @@ def faithfulness(
         if not known.is_file():
             raise UsageError(f"--known: '{known}' does not exist")
         known_edges = [line.strip() for line in known.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    from circuitctl.batching import collect_notes
     from circuitctl.evaluation import evaluate_faithfulness
 
-    report, files = evaluate_faithfulness(circuit, run_config, config.parent, out or circuit_dir, force, known_edges)
+    with collect_notes() as notes:
+        report, files = evaluate_faithfulness(circuit, run_config, config.parent, out or circuit_dir, force, known_edges)
     console.print(report_table(report, files))
+    for note in notes:
+        console.print(f"note: {note}", soft_wrap=True)
 
 
 def report_table(report, files) -> Table:

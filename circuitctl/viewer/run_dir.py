@@ -1,4 +1,5 @@
-"""`circuit.html` for a run directory: circuit.json (+ faithfulness.json, explanation.json)."""
+"""`circuit.html` for a run directory: its circuit file (read by `load_circuit_file`, so our files
+of either schema version and MIB files alike), faithfulness.json and explanation.json."""
 
 from __future__ import annotations
 
@@ -41,12 +42,17 @@ def _circuit_file(run_dir: Path) -> Path:
 
 def run_payload(run_dir: Path) -> dict:
     """The viewer payload of a run directory, with its faithfulness curve and explanation if present."""
-    record = _read_json(_circuit_file(run_dir), "circuit file")
+    from circuitctl.circuits.record import load_circuit_file
+
+    loaded = load_circuit_file(_circuit_file(run_dir))
     extras = {}
     for name, key in ((FAITHFULNESS, "faithfulness"), (EXPLANATION, "explanation")):
         path = Path(run_dir) / name
         extras[key] = _read_json(path, name) if path.is_file() else None
-    return payload_from_record(record, **extras)
+    try:
+        return payload_from_record(loaded.record, **extras)
+    except UsageError as exc:
+        raise UsageError(f"{loaded.origin}: {exc}") from exc
 
 
 def write_viewer(run_dir: Path) -> Path:
@@ -55,3 +61,12 @@ def write_viewer(run_dir: Path) -> Path:
     path = Path(run_dir) / PAGE
     write_atomic(path, html)
     return path
+
+
+def refresh_viewer(run_dir: Path) -> tuple[Path | None, str | None]:
+    """`write_viewer` for a finished run: (the page, None), or (None, a note saying why there is
+    no page). Never raises: a viewer problem must not fail a run whose results are written."""
+    try:
+        return write_viewer(run_dir), None
+    except Exception as exc:  # noqa: BLE001 - any failure becomes the note
+        return None, f"{Path(run_dir) / PAGE} was not written: {exc}"

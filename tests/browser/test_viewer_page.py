@@ -6,11 +6,15 @@ from __future__ import annotations
 import time
 
 import pytest
-from viewer_records import HOSTILE, golden, gpt2_small_record, gqa_record, hostile_payload, top_n
+from viewer_records import HOSTILE, golden, gpt2_small_record, gqa_record, hostile_payload, read_json, schema2_runs, top_n
 
 from circuitctl.viewer import payload_from_record, render_html
 
-pytestmark = pytest.mark.browser
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Schema-2 run directories written by `discover` (their circuit.html included)."""
+    return schema2_runs(tmp_path_factory)[0]
 
 
 def write_page(tmp_path, record, faithfulness=None, explanation=None, name="circuit"):
@@ -77,7 +81,6 @@ def test_slider_draws_the_top_n_edges_by_score(browser, tmp_path):
         browser.set_slider(n)
         assert int(browser.text("#edge-count")) == n
         assert browser.drawn_edges() and set(browser.drawn_edges()) == set(top_n(record, n))
-        assert int(browser.js("return document.getElementById('curve-marker').dataset.n")) == n
     threshold = browser.driver.find_element(By.ID, "threshold")  # typing a threshold keeps |score| >= it
     threshold.clear()
     threshold.send_keys("0.1", Keys.ENTER)
@@ -93,6 +96,44 @@ def test_slider_draws_the_top_n_edges_by_score(browser, tmp_path):
     assert int(browser.text("#edge-count")) == 13
     assert set(browser.drawn_edges()) == set(top_n(record, 13, absolute=False))
     browser.screenshot(tmp_path, "slider")
+    assert browser.console_errors() == []
+
+
+@pytest.mark.parametrize("name", ["edge", "sfc"])
+def test_the_page_discover_wrote_shows_the_curve_with_the_slider_on_it(browser, tmp_path, runs, name):
+    """The page as `discover` and `evaluate faithfulness` left it (schema 2): the curve of
+    faithfulness.json, and the marker at the slider's n."""
+    from circuitctl.circuits.record import load_circuit_file
+
+    run = runs / name
+    record, report = load_circuit_file(run).record, read_json(run / "faithfulness.json")
+    browser.open(run / "circuit.html")
+    unit = record["results"]["unit"]
+    assert int(browser.text("#unit-count")) == record["results"][f"n_{unit}_in_circuit"] and browser.text("#unit-name") == unit
+    assert not browser.js("return document.getElementById('curve-box').hidden")
+    for series in ("signed", "absolute"):
+        points = browser.js(f"return document.getElementById('curve-{series}').getAttribute('points').trim().split(' ').length")
+        assert points == sum(f is not None for f in report[f"curve_{series}"])
+    scored = sum(e["score"] is not None for e in (record["edges"] if unit == "edges" else record["nodes"]).values())
+    for n in (1, 5, scored):
+        browser.set_slider(n)
+        assert int(browser.js("return document.getElementById('curve-marker').dataset.n")) == n
+    if unit == "features":  # the file keeps the scored features of a larger space, and says so
+        assert f"of {scored} strongest of {record['results']['n_features_total']} kept in this file" in browser.text("#slider-label")
+    assert ("CPR" in browser.text("#curve-note")) == (report["cpr"] is not None)
+    browser.screenshot(tmp_path, name)
+    assert browser.console_errors() == []
+
+
+def test_absolute_positions_are_columns_in_order(browser, tmp_path, runs):
+    from circuitctl.circuits.record import load_circuit_file
+
+    record = load_circuit_file(runs / "pos_edge").record
+    browser.open(runs / "pos_edge" / "circuit.html")
+    names = browser.js("return Array.from(document.querySelectorAll('.column-label text')).map(t => t.textContent)")
+    assert names == record["space"]["positions"]["names"] and names[-1] == "end" and names[0] == "t0"
+    assert set(browser.drawn_edges()) == in_circuit(record) and int(browser.text("#edge-count")) == record["results"]["n_edges_in_circuit"]
+    browser.screenshot(tmp_path, "absolute-positions")
     assert browser.console_errors() == []
 
 
@@ -176,7 +217,7 @@ def test_hovering_an_edge_shows_name_score_channel_and_positions(browser, tmp_pa
 def test_per_position_views_render_positions_as_columns(browser, tmp_path):
     record, faithfulness = golden("pos_edge")
     browser.open(write_page(tmp_path, record, faithfulness))
-    assert browser.js("return Array.from(document.querySelectorAll('.column-label text')).map(t => t.textContent)") == record["positions"]["names"]
+    assert browser.js("return Array.from(document.querySelectorAll('.column-label text')).map(t => t.textContent)") == record["space"]["positions"]["names"]
     assert int(browser.text("#edge-count")) == record["results"]["n_edges_in_circuit"] == 16
     inside = browser.js(
         """const band = document.querySelector('.column-band[data-column="S2"]').getBBox();
@@ -197,7 +238,7 @@ def test_per_position_views_render_positions_as_columns(browser, tmp_path):
 def test_feature_circuit_renders_features_and_error_nodes(browser, tmp_path):
     record, faithfulness = golden("sfc")
     browser.open(write_page(tmp_path, record, faithfulness))
-    assert int(browser.text("#unit-count")) == record["results"]["n_nodes_in_circuit"]
+    assert int(browser.text("#unit-count")) == record["results"]["n_features_in_circuit"]
     assert int(browser.text("#edge-count")) == record["results"]["n_edges_in_circuit"]
     assert set(browser.js("return Array.from(document.querySelectorAll('.node.error')).map(n => n.dataset.id)")) == {"attn0/err", "mlp0/err", "resid0/err"}
     browser.js("document.querySelector('.node[data-id=\"resid0/f39\"]').dispatchEvent(new MouseEvent('click', {bubbles: true}))")
@@ -213,7 +254,7 @@ def test_feature_circuit_renders_features_and_error_nodes(browser, tmp_path):
     record, faithfulness = golden("neuron")
     browser.open(write_page(tmp_path, record, faithfulness, name="neuron"))
     assert int(browser.text("#unit-count")) == record["results"]["n_neurons_in_circuit"]
-    assert browser.js("return document.querySelectorAll('.node.neuron').length") == record["d_mlp"]
+    assert browser.js("return document.querySelectorAll('.node.neuron').length") == record["space"]["d_mlp"]
     assert browser.console_errors() == []
 
 

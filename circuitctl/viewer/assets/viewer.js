@@ -88,7 +88,7 @@
 
   // ---------------------------------------------------------------- ranking
   var rankedEdges = meta.ranked === "edges";
-  var unitName = rankedEdges ? "edges" : "nodes";
+  var unitName = String((meta.circuit || {}).unit || (rankedEdges ? "edges" : "nodes"));  // edges, nodes, neurons or features
   var units = [];
   if (rankedEdges) { for (e = 0; e < nE; e++) if (E.w[e] !== null) units.push(e); }
   else { nodes.forEach(function (n) { if (n.score !== null) units.push(n.i); }); }
@@ -609,6 +609,7 @@
     box.appendChild(svg("line", { id: "curve-marker", x1: L, y1: T, x2: L, y2: H - B }));
     var note = [];
     if (typeof curve.faithfulness === "number") note.push("f(C) = " + fmt(curve.faithfulness) + " (dot: the recorded circuit)");
+    else if (curve.undefined) note.push("f undefined: " + curve.undefined);
     if (typeof curve.cpr === "number") note.push("CPR " + fmt(curve.cpr) + ", CMD " + fmt(curve.cmd));
     note.push("blue: signed ranking, orange: |score|; red line: the slider");
     $("curve-note").textContent = note.join("\n");
