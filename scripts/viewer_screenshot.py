@@ -1,6 +1,7 @@
 """Screenshot the viewer page of a run directory in headless Chromium (for the README).
 
-    python scripts/viewer_screenshot.py tests/golden/v1/demo docs/toy-ioi-viewer.png --click a1.h1
+    circuitctl discover demo output.dir=/tmp/demo && circuitctl evaluate faithfulness /tmp/demo
+    python scripts/viewer_screenshot.py /tmp/demo docs/toy-ioi-viewer.png --click a1.h1
 
 Needs Selenium and the Debian packages chromium and chromium-driver; downloads nothing.
 """
