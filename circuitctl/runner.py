@@ -230,6 +230,9 @@ def finish(run_dir: Path, config: RunConfig, session, result, timings: dict[str,
     rule_note = ignored_rule_note(config.selection, method) if any(p.membership is not None for p in points) else None
     from circuitctl.metrics.faithfulness import normalized_faithfulness, undefined_reason
 
+    page_files, page_notes = write_viewer_pages(run_dir, [circuit.label for circuit in circuits])
+    files += page_files
+    notes += page_notes
     first = circuits[0]
     return DiscoverySummary(
         run_dir=run_dir,
@@ -289,6 +292,22 @@ def write_circuit(out: Path, config: RunConfig, session, space, circuit: _Circui
     svg, note = write_drawing(out / "circuit.dot", space.dot(circuit.scores, circuit.membership, title))
     files += ["circuit.dot"] + (["circuit.svg"] if svg else [])
     return files, note
+
+
+def write_viewer_pages(run_dir: Path, labels: list[str | None]) -> tuple[list[str], list[str]]:
+    """circuit.html (the interactive viewer) beside every circuit written: run_dir, or each sweep
+    point's run_dir/<label>. Runs last, so the page shows every file written before it. Returns
+    (files written, notes); a viewer problem is a note, never a failed run."""
+    from circuitctl.viewer import refresh_viewer
+
+    files, notes = [], []
+    for label in labels:
+        page, problem = refresh_viewer(run_dir / label if label else run_dir)
+        if page is not None:
+            files.append(f"{label}/{page.name}" if label else page.name)
+        if problem:
+            notes.append(problem)
+    return files, notes
 
 
 def _sweep_row(circuit: _Circuit, space, m_full: float, m_empty: float) -> dict:
