@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 KINDS = {"q": "Q", "k": "K", "v": "V"}
-MAX_PAIRS = 4096
+MAX_PAIRS = 256
 _CHUNK = 256
 
 
@@ -42,8 +42,7 @@ class CompositionScores:
 
     def __init__(self, model) -> None:
         self.model = model
-        device = model.W_U.device
-        self.dtype = torch.float64 if device.type == "cpu" else torch.float32
+        self.dtype = torch.float32
         self.n_layers, self.n_heads = model.cfg.n_layers, model.cfg.n_heads
         self._x1, self._y1 = _factors(model, "OV", self.dtype)
         self._g1 = self._x1.transpose(-2, -1) @ self._x1  # [L, H, e, e]

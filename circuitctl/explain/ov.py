@@ -12,24 +12,39 @@ from __future__ import annotations
 import torch
 
 
-def effective_embedding(model, tokens: torch.Tensor, layer: int) -> torch.Tensor:
-    """[n, d_model] the residual-stream vector a head of `layer` sees for each token."""
-    x = model.W_E[tokens]
-    if layer > 0 and not model.cfg.attn_only:
-        block = model.blocks[0]
-        norm = block.ln2 if hasattr(block, "ln2") else block.ln1  # parallel attention/MLP blocks read ln1
-        x = x + block.mlp(norm(x[:, None]))[:, 0]
-    return x
+class OvProbe:
+    """OV-circuit logits of any head over one set of probe tokens (embeddings, the first MLP and
+    each layer's input normalisation computed once)."""
+
+    def __init__(self, model, tokens: torch.Tensor) -> None:
+        self.model = model
+        self.tokens = tokens.to(model.W_U.device)
+        with torch.no_grad():
+            x = model.W_E[self.tokens]
+            self._embedding = {0: x}
+            if not model.cfg.attn_only:  # heads after layer 0 see the token through MLP0 too
+                block = model.blocks[0]
+                norm = block.ln2 if hasattr(block, "ln2") else block.ln1  # parallel attention/MLP blocks read ln1
+                self._embedding[1] = x + block.mlp(norm(x[:, None]))[:, 0]
+        self._normalised: dict[int, torch.Tensor] = {}
+
+    def _source(self, layer: int) -> torch.Tensor:
+        if layer not in self._normalised:
+            x = self._embedding[1 if layer > 0 and 1 in self._embedding else 0]
+            self._normalised[layer] = self.model.blocks[layer].ln1(x[:, None])[:, 0]
+        return self._normalised[layer]
+
+    def logits(self, layer: int, head: int) -> torch.Tensor:
+        """[n, n] logits of the probe tokens (columns) for each probe token (rows) as the source."""
+        model = self.model
+        with torch.no_grad():
+            attn = model.blocks[layer].attn
+            out = (self._source(layer) @ attn.W_V[head] + attn.b_V[head]) @ attn.W_O[head]
+            if getattr(model, "ln_final", None) is not None:
+                out = model.ln_final(out[:, None])[:, 0]
+            return (out @ model.W_U[:, self.tokens]).float().cpu()
 
 
 def ov_logits(model, layer: int, head: int, tokens: torch.Tensor) -> torch.Tensor:
-    """[n, n] logits of the probe tokens (columns) for each probe token (rows) as the source."""
-    with torch.no_grad():
-        tokens = tokens.to(model.W_U.device)
-        block = model.blocks[layer]
-        x = block.ln1(effective_embedding(model, tokens, layer)[:, None])[:, 0]
-        attn = block.attn
-        out = (x @ attn.W_V[head] + attn.b_V[head]) @ attn.W_O[head]
-        if getattr(model, "ln_final", None) is not None:
-            out = model.ln_final(out[:, None])[:, 0]
-        return (out @ model.W_U[:, tokens]).float()
+    """[n, n] OV-circuit logits of one head (see `OvProbe`)."""
+    return OvProbe(model, tokens).logits(layer, head)

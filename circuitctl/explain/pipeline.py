@@ -138,104 +138,126 @@ def _probe_scores(model, probe: probes.RepeatedProbe, heads: list[tuple[int, int
         "duplicate_token": roles.duplicate_token_targets(probe.tokens, first_key=first),
         "induction": roles.induction_targets(probe.tokens, first_key=first),
     }
-    out = {}
-    for layer, head in heads:
-        pattern = patterns[layer][:, head]
-        out[(layer, head)] = {role: float(roles.attention_score(pattern, mask)) for role, mask in masks.items()}
-    return out
+    return {(l, h): {role: float(roles.attention_score(patterns[l][:, h], mask)) for role, mask in masks.items()} for l, h in heads}
 
 
-def _head_entries(run, session, data, task, clean, corrupt, direction, scale, batch_size) -> tuple[dict, dict]:
+@dataclass
+class _Passes:
+    """The task's clean and corrupt captures and the DLA read-out."""
+
+    clean: object  # TaskCapture
+    corrupt: object
+    direction: torch.Tensor  # [N, d]
+    scale: torch.Tensor  # [N] clean final normalisation scale
+
+    def dla(self, pick) -> dict[str, float]:
+        """DLA summary of `pick(capture) -> [N, d]` outputs."""
+        values = dla_mod.summary(dla_mod.dla(pick(self.clean), self.direction, self.scale), dla_mod.dla(pick(self.corrupt), self.direction, self.scale))
+        return {key: _round(v) for key, v in values.items()}
+
+
+@dataclass
+class _RoleProbes:
+    """What the role scores of every head are measured on."""
+
+    attention_roles: dict  # (layer, head) -> {role: score} on the repeated random probe
+    ov: object  # OvProbe
+    k: int
+    movable: list[str]
+    info: dict
+
+    @property
+    def probe_of(self) -> dict[str, str]:
+        ov = f"ov:{self.info['ov']['tokens']}"
+        return {r: "repeated_random" for r in roles.ATTENTION_ROLES} | {r: ov for r in roles.OV_ROLES} | {r: f"clean_attention*{ov}" for r in roles.MOVER_ROLES}
+
+
+def _role_probes(run, session, data, task, heads: list[tuple[int, int]], batch_size: int) -> _RoleProbes:
+    from circuitctl.explain.ov import OvProbe
+
     model = session.adapter.model
+    excluded = probes.special_token_ids(session.adapter.tokenizer)
+    prefix = probes.prefix_token(session.adapter.bos_token_id(), data.clean, data.lengths)
+    info: dict = {}
+    try:
+        probe = probes.repeated_random(model.cfg.d_vocab, model.cfg.n_ctx, prefix, excluded, run.config.seed)
+        attention_roles = _probe_scores(model, probe, heads, batch_size)
+        info["repeated_random"] = probe.describe()
+    except ValueError as exc:  # context or vocabulary too small: no attention roles
+        attention_roles = {h: {} for h in heads}
+        info["repeated_random"] = {"skipped": str(exc)}
+    tokens, source = probes.ov_tokens(data.answers, data.wrong, model.cfg.d_vocab, excluded, run.config.seed)
+    k = roles.copy_k(len(tokens))
+    info["ov"] = {"tokens": source, "n": len(tokens), "k": k, "through_mlp0": not model.cfg.attn_only}
+    info["movable_targets"] = att.movable_targets(data.clean, task.targets["answer"], data.answer_positions.long(), task.labels)
+    return _RoleProbes(attention_roles, OvProbe(model, tokens), k, info["movable_targets"], info)
+
+
+def _head_entry(layer: int, head: int, query: str, task: _Task, passes: _Passes, probed: _RoleProbes) -> dict:
+    attention = _attention_entry(passes.clean.rows[layer][:, head], passes.corrupt.rows[layer][:, head], task, query)
+    logits = probed.ov.logits(layer, head)
+    copy, negative_copy = roles.copy_scores(logits, torch.arange(logits.shape[0]), probed.k)
+    from_answer = attention["from"]["answer"]["clean"]
+    target = max(probed.movable, key=lambda t: from_answer[t]) if probed.movable else None
+    mover, negative_mover = roles.mover_scores(from_answer[target] if target else 0.0, copy, negative_copy)
+    scores = {**probed.attention_roles[(layer, head)], "copy": copy, "negative_copy": negative_copy, "mover": mover, "negative_mover": negative_mover}
+    listed = []
+    for role in roles.listed_roles(scores):
+        item = {"role": role, "score": _round(scores[role]), "probe": probed.probe_of[role]}
+        if role in roles.MOVER_ROLES:
+            item["target"] = target
+        listed.append(item)
+    return {
+        "kind": "head",
+        "roles": listed,
+        "scores": {role: _round(scores[role]) for role in roles.ROLES if role in scores},
+        "attention": attention,
+        "dla": passes.dla(lambda capture: capture.head_out[layer][:, head]),
+    }
+
+
+def _head_entries(run, session, data, task: _Task, passes: _Passes, batch_size: int) -> tuple[dict, dict]:
     components: dict[str, list] = {}
     for node in run.nodes.values():
         if node.kind == "head":
             components.setdefault(node.component, []).append(node)
     if not components:
         return {}, {}
-    heads = sorted({(n[0].layer, n[0].index) for n in components.values()})
-    excluded = probes.special_token_ids(session.adapter.tokenizer)
-    prefix = probes.prefix_token(session.adapter.bos_token_id(), data.clean, data.lengths)
-    seed = run.config.seed
-    probe_info: dict = {}
-    try:
-        probe = probes.repeated_random(model.cfg.d_vocab, model.cfg.n_ctx, prefix, excluded, seed)
-        attention_roles = _probe_scores(model, probe, heads, batch_size)
-        probe_info["repeated_random"] = probe.describe()
-    except ValueError as exc:  # context or vocabulary too small: no attention roles
-        attention_roles = {h: {} for h in heads}
-        probe_info["repeated_random"] = {"skipped": str(exc)}
-    ov_tokens, ov_source = probes.ov_tokens(data.answers, data.wrong, model.cfg.d_vocab, excluded, seed)
-    k = roles.copy_k(len(ov_tokens))
-    probe_info["ov"] = {"tokens": ov_source, "n": len(ov_tokens), "k": k, "through_mlp0": not model.cfg.attn_only}
-    movable = att.movable_targets(data.clean, task.targets["answer"], data.answer_positions.long(), task.labels)
-    probe_info["movable_targets"] = movable
-    ov_probe = f"ov:{ov_source}"
+    heads = sorted({(nodes[0].layer, nodes[0].index) for nodes in components.values()})
+    probed = _role_probes(run, session, data, task, heads, batch_size)
     entries = {}
-    from circuitctl.explain.ov import ov_logits
-
     for name, nodes in components.items():
-        layer, head = nodes[0].layer, nodes[0].index
         query = _query_of([n.position for n in nodes], run, task.query_labels)
-        attention = _attention_entry(clean.rows[layer][:, head], corrupt.rows[layer][:, head], task, query)
-        copy, negative_copy = roles.copy_scores(ov_logits(model, layer, head, ov_tokens), torch.arange(len(ov_tokens)), k)
-        from_answer = attention["from"]["answer"]["clean"]
-        mover_target = max(movable, key=lambda t: from_answer[t]) if movable else None
-        mover, negative_mover = roles.mover_scores(from_answer[mover_target] if mover_target else 0.0, copy, negative_copy)
-        scores = {**attention_roles[(layer, head)], "copy": copy, "negative_copy": negative_copy, "mover": mover, "negative_mover": negative_mover}
-        probe_of = {r: "repeated_random" for r in roles.ATTENTION_ROLES} | {r: ov_probe for r in roles.OV_ROLES}
-        probe_of |= {r: f"clean_attention*{ov_probe}" for r in roles.MOVER_ROLES}
-        listed = []
-        for role in roles.listed_roles(scores):
-            item = {"role": role, "score": _round(scores[role]), "probe": probe_of[role]}
-            if role in roles.MOVER_ROLES:
-                item["target"] = mover_target
-            listed.append(item)
-        head_dla = dla_mod.summary(
-            dla_mod.dla(clean.head_out[layer][:, head], direction, scale),
-            dla_mod.dla(corrupt.head_out[layer][:, head], direction, scale),
-        )
-        entry = {
-            "kind": "head",
-            "roles": listed,
-            "scores": {role: _round(scores.get(role, 0.0)) for role in roles.ROLES if role in scores},
-            "attention": attention,
-            "dla": {key: _round(v) for key, v in head_dla.items()},
-        }
+        entries[name] = _head_entry(nodes[0].layer, nodes[0].index, query, task, passes, probed)
         positions = sorted({n.position for n in nodes if n.position is not None})
         if positions:
-            entry["positions"] = positions
-        entries[name] = entry
-    return entries, probe_info
+            entries[name]["positions"] = positions
+    return entries, probed.info
 
 
-def _mlp_entries(run, session, data, clean, corrupt, direction, scale, batch_size) -> dict:
+def _mlp_entries(run, session, data, passes: _Passes, batch_size: int) -> dict:
     model = session.adapter.model
     layers = sorted({n.layer for n in run.nodes.values() if n.kind == "mlp"})
-    if not layers:
-        return {}
     attribution = dla_mod.neuron_attribution(session.adapter, data, layers, batch_size)
     entries = {}
     for layer in layers:
-        neuron_clean = dla_mod.neuron_dla(model, layer, clean.post[layer], direction, scale)
-        neuron_corrupt = dla_mod.neuron_dla(model, layer, corrupt.post[layer], direction, scale)
+        per_neuron = [dla_mod.neuron_dla(model, layer, c.post[layer], passes.direction, passes.scale) for c in (passes.clean, passes.corrupt)]
         top = attribution[layer].abs().argsort(descending=True)[:TOP_NEURONS].tolist()
-        mlp_dla = dla_mod.summary(dla_mod.dla(clean.mlp_out[layer], direction, scale), dla_mod.dla(corrupt.mlp_out[layer], direction, scale))
         entry = {
             "kind": "mlp",
-            "dla": {key: _round(v) for key, v in mlp_dla.items()},
+            "dla": passes.dla(lambda capture: capture.mlp_out[layer]),
             "top_neurons": [
                 {
                     "neuron": f"m{layer}.n{i}",
                     "attribution": _round(float(attribution[layer][i])),
-                    "dla": {key: _round(v) for key, v in dla_mod.summary(neuron_clean[:, i], neuron_corrupt[:, i]).items()},
+                    "dla": {key: _round(v) for key, v in dla_mod.summary(per_neuron[0][:, i], per_neuron[1][:, i]).items()},
                 }
                 for i in top
             ],
         }
-        in_circuit = {name: score for name, score in run.neurons.items() if name.startswith(f"m{layer}.")}
+        in_circuit = {name: _round(score) for name, score in run.neurons.items() if name.startswith(f"m{layer}.")}
         if in_circuit:
-            entry["circuit_neurons"] = {name: _round(score) for name, score in in_circuit.items()}
+            entry["circuit_neurons"] = in_circuit
         positions = sorted({n.position for n in run.nodes.values() if n.kind == "mlp" and n.layer == layer and n.position})
         if positions:
             entry["positions"] = positions
@@ -243,8 +265,8 @@ def _mlp_entries(run, session, data, clean, corrupt, direction, scale, batch_siz
     return entries
 
 
-def _feature_hooks(run, session) -> dict:
-    """site name -> (hook name, SAE) for the sites of the circuit's features."""
+def _feature_sites(run, session) -> dict:
+    """site name -> (hook name, SAE) for the sites of a feature circuit."""
     if run.kind != "feature":
         return {}
     from circuitctl.models.sae_sites import hook_name
@@ -254,26 +276,22 @@ def _feature_hooks(run, session) -> dict:
     return {site.name: (hook_name(site), sae) for site, (sae, _) in saes.items()}
 
 
-def _feature_entries(run, sites, clean, corrupt, direction, scale) -> dict:
+def _feature_entries(run, sites: dict, passes: _Passes) -> dict:
+    """Each feature's activation at the answer position and its DLA (activation x decoder row)."""
     entries = {}
     for node in run.nodes.values():
         if node.kind != "feature" or node.component in entries:
             continue
-        site = node.component.split("/")[0]
-        hook, sae = sites[site]
+        hook, sae = sites[node.component.split("/")[0]]
+        decoder = sae.decoder_matrix()
         with torch.no_grad():
-            device, dtype = sae.decoder_matrix().device, sae.decoder_matrix().dtype
-            acts = {name: sae.encode(run_capture.hooks[hook].to(device, dtype))[:, node.index].float().cpu() for name, run_capture in (("clean", clean), ("corrupt", corrupt))}
-            decoder = sae.decoder_matrix()[node.index].float().cpu()
-        feature_dla = dla_mod.summary(
-            dla_mod.dla(acts["clean"][:, None] * decoder, direction, scale),
-            dla_mod.dla(acts["corrupt"][:, None] * decoder, direction, scale),
-        )
+            acts = {id(c): sae.encode(c.hooks[hook].to(decoder.device, decoder.dtype))[:, node.index].float().cpu() for c in (passes.clean, passes.corrupt)}
+        row = decoder[node.index].detach().float().cpu()
         entries[node.component] = {
             "kind": "feature",
             "top_tokens": node.label,
-            "activation": {"clean": _round(float(acts["clean"].mean())), "corrupt": _round(float(acts["corrupt"].mean()))},
-            "dla": {key: _round(v) for key, v in feature_dla.items()},
+            "activation": {"clean": _round(float(acts[id(passes.clean)].mean())), "corrupt": _round(float(acts[id(passes.corrupt)].mean()))},
+            "dla": passes.dla(lambda capture: acts[id(capture)][:, None] * row),
         }
     return entries
 
@@ -308,48 +326,47 @@ def _head_edges(run) -> list:
     return [tuple(row) for row in merged.values()]
 
 
-def explain_circuit(run: LoadedRun, session) -> dict:
-    """The explanation record (see `circuitctl.explain.report` for its shape)."""
-    from circuitctl.explain.capture import capture_task
-    from circuitctl.explain.composition import composition_table
+def _group(nodes: dict) -> list:
     from circuitctl.explain.groups import Member, group_nodes
 
-    model = session.adapter.model
-    data = session.data
-    data = data.slice(0, min(data.n, MAX_PAIRS))
-    batch_size = run.config.batch_size
-    task = _task(session, data)
-    head_layers = {n.layer for n in run.nodes.values() if n.kind == "head"}
-    mlp_layers = {n.layer for n in run.nodes.values() if n.kind == "mlp"}
-    sites = _feature_hooks(run, session)
-    hooks = sorted({hook for hook, _ in sites.values()})
-    answer = data.answer_positions.long()
-    clean = capture_task(model, data.clean, task.queries, answer, head_layers, mlp_layers, hooks, batch_size)
-    corrupt = capture_task(model, data.corrupt, task.queries, answer, head_layers, mlp_layers, hooks, batch_size)
-    direction = dla_mod.logit_directions(model, data.answers.cpu(), data.wrong.cpu())
-    scale = dla_mod.final_scale(model, clean.resid_final)
-    heads, probe_info = _head_entries(run, session, data, task, clean, corrupt, direction, scale, batch_size)
-    nodes = {**heads, **_mlp_entries(run, session, data, clean, corrupt, direction, scale, batch_size)}
-    nodes.update(_feature_entries(run, sites, clean, corrupt, direction, scale))
     members = []
     for name, entry in nodes.items():
-        role = entry["roles"][0]["role"] if entry.get("roles") else None
-        target = None
-        if role in roles.MOVER_ROLES:
-            target = entry["roles"][0]["target"]
-        elif entry.get("attention"):
-            target = entry["attention"]["top_target"]
-        members.append(Member(name, role, target, entry["dla"]["clean"] if entry.get("dla") else 0.0))
+        first = entry["roles"][0] if entry.get("roles") else None
+        target = first.get("target") if first and first["role"] in roles.MOVER_ROLES else (entry.get("attention") or {}).get("top_target")
+        members.append(Member(name, first["role"] if first else None, target, entry["dla"]["clean"]))
     groups = group_nodes(members)
     for group in groups:
         for member in group.members:
             nodes[member]["group"] = group.id
+    return [g.to_dict() for g in groups]
+
+
+def explain_circuit(run: LoadedRun, session) -> dict:
+    """The explanation record (see `circuitctl.explain.report` for its shape)."""
+    from circuitctl.explain.capture import capture_task
+    from circuitctl.explain.composition import composition_table
+
+    model = session.adapter.model
+    data = session.data.slice(0, min(session.data.n, MAX_PAIRS))
+    batch_size = run.config.batch_size
+    task = _task(session, data)
+    head_layers = {n.layer for n in run.nodes.values() if n.kind == "head"}
+    mlp_layers = {n.layer for n in run.nodes.values() if n.kind == "mlp"}
+    sites = _feature_sites(run, session)
+    hooks = sorted({hook for hook, _ in sites.values()})
+    answer = data.answer_positions.long()
+    clean, corrupt = (capture_task(model, tokens, task.queries, answer, head_layers, mlp_layers, hooks, batch_size) for tokens in (data.clean, data.corrupt))
+    passes = _Passes(clean, corrupt, dla_mod.logit_directions(model, data.answers.cpu(), data.wrong.cpu()), dla_mod.final_scale(model, clean.resid_final))
+    nodes, probe_info = _head_entries(run, session, data, task, passes, batch_size)
+    nodes.update(_mlp_entries(run, session, data, passes, batch_size))
+    nodes.update(_feature_entries(run, sites, passes))
+    groups = _group(nodes)
     composition = composition_table(model, _head_edges(run), run.config.seed)
     for row in composition:
         row["score"], row["percentile"] = _round(row["score"]), _round(row["percentile"])
     return {
         "nodes": nodes,
-        "groups": [g.to_dict() for g in groups],
+        "groups": groups,
         "composition": composition,
         "probes": {**probe_info, "task": {"pairs": data.n, "labels": task.labels}},
         "thresholds": dict(roles.THRESHOLDS),
