@@ -63,7 +63,7 @@ class CompositionScores:
         """pairs [n, 4] of (layer1, head1, layer2, head2) -> [n] float scores."""
         x2, g2, norm2 = self._right[kind]
         out = []
-        for chunk in pairs.split(_CHUNK):
+        for chunk in pairs.to(x2.device).split(_CHUNK):
             l1, h1, l2, h2 = (chunk[:, i] for i in range(4))
             m = self._y1[l1, h1] @ x2[l2, h2]  # [n, e, e]
             value = ((self._g1[l1, h1] @ m) * (m @ g2[l2, h2])).sum((-2, -1)).clamp(min=0).sqrt()

@@ -138,6 +138,8 @@ def to_markdown(record: dict) -> str:
         for row in sorted(record["composition"], key=lambda r: -r["percentile"]):
             lines.append(f"| {md(row['edge'])} | {row['kind']} | {row['score']:.3f} | {row['percentile']:.0f} | {_number(row['edge_score'])} |")
         lines.append("")
+    elif heads:
+        lines += ["No edge of the circuit runs from one head to another: no composition scores.", ""]
     probes = record["probes"]
     lines += ["## Probes and thresholds", ""]
     rr = probes.get("repeated_random")
