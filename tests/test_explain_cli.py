@@ -174,3 +174,49 @@ def test_config_explain_flag_does_not_change_the_experiment_hash(tmp_path):
     config = load_config(golden_run(tmp_path, "demo") / "config.yaml")
     assert config.explain is True
     assert config_hash(config.model_copy(update={"explain": False})) == config_hash(config) == "d96fed7d7f702465"
+
+
+@pytest.mark.parametrize(
+    "name, kind, nodes",
+    [
+        ("demo", "edge", {"a0.h0", "a0.h1", "a0.h2", "a0.h3", "m0", "a1.h0", "a1.h1", "a1.h3", "m1"}),
+        ("node", "node", {"a0.h0", "m0", "a1.h0", "m1"}),
+        ("neuron", "neuron", {"m0"}),
+        ("pos_node", "positional_node", None),
+        ("pos_edge", "positional_edge", None),
+        ("sfc", "feature", None),
+    ],
+)
+def test_load_run_reads_every_circuit_kind(tmp_path, name, kind, nodes):
+    """The one reader of circuit files (the part to swap when the format changes)."""
+    import json as _json
+
+    from circuitctl.explain.load import load_run
+
+    run = load_run(golden_run(tmp_path, name))
+    assert run.kind == kind and run.config.task.name and run.config_dir == run.run_dir
+    record = _json.loads((run.run_dir / "circuit.json").read_text())
+    if nodes is not None:
+        assert set(run.nodes) == nodes
+    if kind.startswith("positional"):
+        assert all(n.position for n in run.nodes.values()) and "end" in run.answer_groups
+        assert run.nodes["a1.h1@end"].component == "a1.h1"
+    if kind == "feature":
+        assert all(n.kind == "feature" and n.label for n in run.nodes.values())
+    in_graph = {e for e, v in record["edges"].items() if v["in_graph"]}
+    assert set(run.edges) == in_graph
+    if kind == "neuron":
+        assert set(run.neurons) == {n for n, v in record["neurons"].items() if v["in_graph"]}
+
+
+def test_explain_discovered_explains_every_circuit_of_a_sweep(tmp_path):
+    from circuitctl.config.load import load_config
+    from circuitctl.explain.pipeline import explain_discovered
+    from circuitctl.session import open_session
+
+    sweep = golden_run(tmp_path, "acdc_sweep")
+    session = open_session(load_config(sweep / "config.yaml"), sweep)
+    files, notes = explain_discovered(sweep, session)
+    assert "tau-0.01/explanation.json" in files and (sweep / "tau-0.01" / "explanation.md").is_file()
+    files, _ = explain_discovered(sweep, session)  # a --force rerun of discover replaces it
+    assert "tau-0.01/explanation.json" in files

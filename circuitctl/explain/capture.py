@@ -39,8 +39,8 @@ def capture_task(
     batch_size: int,
 ) -> TaskCapture:
     """tokens [N, P]; queries [N, Q] token index of each query; answer [N] answer positions."""
-    wanted = {f"blocks.{l}.attn.hook_pattern" for l in head_layers} | {f"blocks.{l}.attn.hook_z" for l in head_layers}
-    wanted |= {f"blocks.{l}.hook_mlp_out" for l in mlp_layers} | {f"blocks.{l}.mlp.hook_post" for l in mlp_layers}
+    wanted = {f"blocks.{layer}.attn.hook_{name}" for layer in head_layers for name in ("pattern", "z")}
+    wanted |= {f"blocks.{layer}.{name}" for layer in mlp_layers for name in ("hook_mlp_out", "mlp.hook_post")}
     wanted |= set(extra_hooks)
     device = model.W_U.device
     parts: dict[str, list[torch.Tensor]] = {}
@@ -82,7 +82,7 @@ def capture_patterns(model, tokens: torch.Tensor, layers: set[int], batch_size: 
     """layer -> [N, H, P, P] attention patterns of the given layers."""
     if not layers:
         return {}
-    wanted = {f"blocks.{l}.attn.hook_pattern" for l in layers}
+    wanted = {f"blocks.{layer}.attn.hook_pattern" for layer in layers}
     device = model.W_U.device
     parts: dict[int, list[torch.Tensor]] = {}
     with torch.no_grad():

@@ -57,6 +57,26 @@ def explain_run(run_dir: Path, force: bool = False, session=None) -> ExplainSumm
     return ExplainSummary(run.run_dir, run.kind, nodes, groups, files, notes, time.perf_counter() - started)
 
 
+def explain_discovered(run_dir: Path, session) -> tuple[list[str], list[str]]:
+    """For `discover` (config `explain: true`): explain the run just written, with the run's open
+    session, replacing any explanation a `--force` run left behind; a sweep's circuits are
+    explained one by one. A circuit that cannot be explained (no heads, MLPs or features) gives a
+    note instead of failing the run. Returns (files written, relative to run_dir; notes)."""
+    run_dir = Path(run_dir)
+    targets = [run_dir] if (run_dir / "circuit.json").is_file() else sorted(p.parent for p in run_dir.glob("*/circuit.json"))
+    files, notes = [], []
+    for target in targets:
+        try:
+            summary = explain_run(target, force=True, session=session)
+        except UsageError as exc:
+            notes.append(f"not explained: {exc}")
+            continue
+        prefix = "" if target == run_dir else f"{target.name}/"
+        files += [prefix + name for name in summary.files if name.startswith("explanation") or name.startswith("circuit.grouped")]
+        notes += [note for note in summary.notes if note not in notes]
+    return files, notes
+
+
 def one_line(entry: dict) -> str:
     parts = []
     if entry.get("roles"):
@@ -86,12 +106,12 @@ class _Task:
 
 def _task(session, data) -> _Task:
     order = list(getattr(session.task.spec, "positions", []) or [])
-    labels = [l for l in order if l in data.positions] + [l for l in data.positions if l not in order]
+    labels = [label for label in order if label in data.positions] + [label for label in data.positions if label not in order]
     answer = data.answer_positions.long()
-    label_positions = {l: data.positions[l].long() for l in labels}
+    label_positions = {label: data.positions[label].long() for label in labels}
     # a label at the answer position in every prompt (`end`) is a target, not a second query
-    query_labels = [l for l in labels if not bool((label_positions[l] == answer).all())]
-    queries = torch.stack([answer] + [label_positions[l] for l in query_labels], dim=1)
+    query_labels = [label for label in labels if not bool((label_positions[label] == answer).all())]
+    queries = torch.stack([answer] + [label_positions[label] for label in query_labels], dim=1)
     targets = {name: att.target_positions(queries[:, i], label_positions) for i, name in enumerate(["answer", *query_labels])}
     return _Task(labels, query_labels, queries, targets)
 
@@ -131,14 +151,17 @@ def _attention_entry(clean_rows, corrupt_rows, task: _Task, query: str) -> dict:
 def _probe_scores(model, probe: probes.RepeatedProbe, heads: list[tuple[int, int]], batch_size: int) -> dict[tuple[int, int], dict]:
     from circuitctl.explain.capture import capture_patterns
 
-    patterns = capture_patterns(model, probe.tokens, {l for l, _ in heads}, batch_size)
+    patterns = capture_patterns(model, probe.tokens, {layer for layer, _ in heads}, batch_size)
     first = probe.first_content
     masks = {
         "previous_token": roles.previous_token_targets(probe.tokens, first_query=first + 1),
         "duplicate_token": roles.duplicate_token_targets(probe.tokens, first_key=first),
         "induction": roles.induction_targets(probe.tokens, first_key=first),
     }
-    return {(l, h): {role: float(roles.attention_score(patterns[l][:, h], mask)) for role, mask in masks.items()} for l, h in heads}
+    return {
+        (layer, head): {role: float(roles.attention_score(patterns[layer][:, head], mask)) for role, mask in masks.items()}
+        for layer, head in heads
+    }
 
 
 @dataclass
@@ -152,8 +175,8 @@ class _Passes:
 
     def dla(self, pick) -> dict[str, float]:
         """DLA summary of `pick(capture) -> [N, d]` outputs."""
-        values = dla_mod.summary(dla_mod.dla(pick(self.clean), self.direction, self.scale), dla_mod.dla(pick(self.corrupt), self.direction, self.scale))
-        return {key: _round(v) for key, v in values.items()}
+        clean, corrupt = (dla_mod.dla(pick(capture), self.direction, self.scale) for capture in (self.clean, self.corrupt))
+        return {key: _round(v) for key, v in dla_mod.summary(clean, corrupt).items()}
 
 
 @dataclass
@@ -169,7 +192,8 @@ class _RoleProbes:
     @property
     def probe_of(self) -> dict[str, str]:
         ov = f"ov:{self.info['ov']['tokens']}"
-        return {r: "repeated_random" for r in roles.ATTENTION_ROLES} | {r: ov for r in roles.OV_ROLES} | {r: f"clean_attention*{ov}" for r in roles.MOVER_ROLES}
+        probes_of = {r: "repeated_random" for r in roles.ATTENTION_ROLES} | {r: ov for r in roles.OV_ROLES}
+        return probes_of | {r: f"clean_attention*{ov}" for r in roles.MOVER_ROLES}
 
 
 def _role_probes(run, session, data, task, heads: list[tuple[int, int]], batch_size: int) -> _RoleProbes:
@@ -200,7 +224,8 @@ def _head_entry(layer: int, head: int, query: str, task: _Task, passes: _Passes,
     from_answer = attention["from"]["answer"]["clean"]
     target = max(probed.movable, key=lambda t: from_answer[t]) if probed.movable else None
     mover, negative_mover = roles.mover_scores(from_answer[target] if target else 0.0, copy, negative_copy)
-    scores = {**probed.attention_roles[(layer, head)], "copy": copy, "negative_copy": negative_copy, "mover": mover, "negative_mover": negative_mover}
+    scores = {**probed.attention_roles[(layer, head)], "copy": copy, "negative_copy": negative_copy}
+    scores |= {"mover": mover, "negative_mover": negative_mover}
     listed = []
     for role in roles.listed_roles(scores):
         item = {"role": role, "score": _round(scores[role]), "probe": probed.probe_of[role]}
@@ -285,12 +310,15 @@ def _feature_entries(run, sites: dict, passes: _Passes) -> dict:
         hook, sae = sites[node.component.split("/")[0]]
         decoder = sae.decoder_matrix()
         with torch.no_grad():
-            acts = {id(c): sae.encode(c.hooks[hook].to(decoder.device, decoder.dtype))[:, node.index].float().cpu() for c in (passes.clean, passes.corrupt)}
+            acts = {
+                id(capture): sae.encode(capture.hooks[hook].to(decoder.device, decoder.dtype))[:, node.index].float().cpu()
+                for capture in (passes.clean, passes.corrupt)
+            }
         row = decoder[node.index].detach().float().cpu()
         entries[node.component] = {
             "kind": "feature",
             "top_tokens": node.label,
-            "activation": {"clean": _round(float(acts[id(passes.clean)].mean())), "corrupt": _round(float(acts[id(passes.corrupt)].mean()))},
+            "activation": {name: _round(float(acts[id(c)].mean())) for name, c in (("clean", passes.clean), ("corrupt", passes.corrupt))},
             "dla": passes.dla(lambda capture: acts[id(capture)][:, None] * row),
         }
     return entries
@@ -332,7 +360,8 @@ def _group(nodes: dict) -> list:
     members = []
     for name, entry in nodes.items():
         first = entry["roles"][0] if entry.get("roles") else None
-        target = first.get("target") if first and first["role"] in roles.MOVER_ROLES else (entry.get("attention") or {}).get("top_target")
+        moved = first is not None and first["role"] in roles.MOVER_ROLES
+        target = first.get("target") if moved else (entry.get("attention") or {}).get("top_target")
         members.append(Member(name, first["role"] if first else None, target, entry["dla"]["clean"]))
     groups = group_nodes(members)
     for group in groups:
@@ -355,8 +384,11 @@ def explain_circuit(run: LoadedRun, session) -> dict:
     sites = _feature_sites(run, session)
     hooks = sorted({hook for hook, _ in sites.values()})
     answer = data.answer_positions.long()
-    clean, corrupt = (capture_task(model, tokens, task.queries, answer, head_layers, mlp_layers, hooks, batch_size) for tokens in (data.clean, data.corrupt))
-    passes = _Passes(clean, corrupt, dla_mod.logit_directions(model, data.answers.cpu(), data.wrong.cpu()), dla_mod.final_scale(model, clean.resid_final))
+    clean, corrupt = (
+        capture_task(model, tokens, task.queries, answer, head_layers, mlp_layers, hooks, batch_size) for tokens in (data.clean, data.corrupt)
+    )
+    direction = dla_mod.logit_directions(model, data.answers.cpu(), data.wrong.cpu())
+    passes = _Passes(clean, corrupt, direction, dla_mod.final_scale(model, clean.resid_final))
     nodes, probe_info = _head_entries(run, session, data, task, passes, batch_size)
     nodes.update(_mlp_entries(run, session, data, passes, batch_size))
     nodes.update(_feature_entries(run, sites, passes))

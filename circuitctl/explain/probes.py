@@ -68,7 +68,9 @@ def repeated_random(d_vocab: int, n_ctx: int, prefix: int | None, excluded: set[
     room = n_ctx - (prefix is not None)
     half = min(MAX_HALF_LENGTH, room // 2, len(pool))
     if half < 2:
-        raise ValueError(f"the model's context ({n_ctx}) or vocabulary ({len(pool)} usable tokens) is too small for a repeated-sequence probe")
+        raise ValueError(
+            f"the model's context ({n_ctx}) or vocabulary ({len(pool)} usable tokens) is too small for a repeated-sequence probe"
+        )
     generator = torch.Generator().manual_seed(seed)
     rows = torch.stack([pool[torch.randperm(len(pool), generator=generator)[:half]] for _ in range(n)])
     parts = [rows, rows] if prefix is None else [torch.full((n, 1), prefix), rows, rows]

@@ -65,6 +65,10 @@ def _number(value) -> str:
     return "-" if value is None else f"{value:+.3g}"
 
 
+def _dla(d: dict) -> str:
+    return f"{_number(d['clean'])} / {_number(d['corrupt'])} / {_number(d['difference'])}"
+
+
 def _roles(entry: dict) -> str:
     listed = entry.get("roles") or []
     if not listed:
@@ -100,9 +104,7 @@ def to_markdown(record: dict) -> str:
         for name, e in heads.items():
             a, d = e["attention"], e["dla"]
             where = md(a["top_target"]) + f" ({a['top_attention']:.2f}, from {md(a['query'])})"
-            lines.append(
-                f"| {md(name)} | {_roles(e)} | {where} | {_number(d['clean'])} / {_number(d['corrupt'])} / {_number(d['difference'])} | {md(e.get('group', '-'))} |"
-            )
+            lines.append(f"| {md(name)} | {_roles(e)} | {where} | {_dla(d)} | {md(e.get('group', '-'))} |")
         lines += ["", "Role scores (all):", "", "| head | " + " | ".join(md(r) for r in next(iter(heads.values()))["scores"]) + " |"]
         lines.append("|---" * (1 + len(next(iter(heads.values()))["scores"])) + "|")
         for name, e in heads.items():
@@ -114,7 +116,7 @@ def to_markdown(record: dict) -> str:
         for name, e in mlps.items():
             d = e["dla"]
             neurons = ", ".join(f"{md(n['neuron'])} ({n['attribution']:+.3g}; {n['dla']['clean']:+.3g})" for n in e["top_neurons"])
-            lines.append(f"| {md(name)} | {_number(d['clean'])} / {_number(d['corrupt'])} / {_number(d['difference'])} | {neurons} |")
+            lines.append(f"| {md(name)} | {_dla(d)} | {neurons} |")
         lines.append("")
     features = {n: e for n, e in nodes.items() if e["kind"] == "feature"}
     if features:
@@ -123,7 +125,7 @@ def to_markdown(record: dict) -> str:
             d, act = e["dla"], e["activation"]
             lines.append(
                 f"| {md(name)} | {md(e.get('top_tokens') or '-')} | {act['clean']:.3g} / {act['corrupt']:.3g} | "
-                f"{_number(d['clean'])} / {_number(d['corrupt'])} / {_number(d['difference'])} |"
+                f"{_dla(d)} |"
             )
         lines.append("")
     if record["composition"]:
