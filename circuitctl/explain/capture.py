@@ -1,6 +1,7 @@
 """The forward passes an explanation needs, batched, keeping only what it reads.
 
-`capture_task` runs the task's prompts once (clean or corrupt) and keeps, per example:
+`capture_task` runs the task's prompts once (clean or corrupt) and keeps, per example, reduced
+inside the hooks as the pass runs:
 attention rows of the circuit's layers from the query positions, each head's and MLP's output
 and the MLP hidden activations at the answer position, the final residual stream there, and
 any extra hook (SAE sites) at the answer position. `capture_patterns` keeps whole attention
@@ -28,6 +29,17 @@ def _cat(parts: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {name: torch.cat(chunks) for name, chunks in parts.items()}
 
 
+def _reducer(name: str, model, rows: torch.Tensor, ans: torch.Tensor, q: torch.Tensor):
+    """What to keep of hook `name`'s value, taken as soon as the hook fires (so no [B, H, P, P]
+    pattern of every layer is held at once)."""
+    if name.endswith("hook_pattern"):  # [B, H, P, K] -> rows of the queries [B, H, Q, K]
+        return lambda value: value[rows[:, None], :, q].permute(0, 2, 1, 3)
+    if name.endswith("hook_z"):  # [B, P, H, e] -> each head's output at the answer [B, H, d] (no b_O)
+        W_O = model.blocks[int(name.split(".")[1])].attn.W_O
+        return lambda value: torch.einsum("bhe,hed->bhd", value[rows, ans], W_O)
+    return lambda value: value[rows, ans]
+
+
 def capture_task(
     model,
     tokens: torch.Tensor,
@@ -50,31 +62,29 @@ def capture_task(
             rows = torch.arange(batch.shape[0], device=device)
             ans = answer[start : start + batch_size].to(device)
             q = queries[start : start + batch_size].to(device)
-            resid, cache = model.run_with_cache(batch, names_filter=lambda name: name in wanted, stop_at_layer=model.cfg.n_layers)
+
+            reducers = {name: _reducer(name, model, rows, ans, q) for name in wanted}
+
+            def keep(value, hook):
+                parts.setdefault(hook.name, []).append(reducers[hook.name](value).float().cpu())
+
+            with model.hooks(fwd_hooks=[(name, keep) for name in sorted(wanted)]):
+                resid = model(batch, stop_at_layer=model.cfg.n_layers)
             parts.setdefault("resid_final", []).append(resid[rows, ans].float().cpu())
-            for name in wanted:
-                value = cache[name]
-                if name.endswith("hook_pattern"):  # [B, H, Q_all, K] -> [B, H, Q, K]
-                    picked = value[rows[:, None], :, q].permute(0, 2, 1, 3)
-                elif name.endswith("hook_z"):  # [B, P, H, e] -> head outputs [B, H, d]
-                    layer = int(name.split(".")[1])
-                    picked = torch.einsum("bhe,hed->bhd", value[rows, ans], model.blocks[layer].attn.W_O)
-                else:
-                    picked = value[rows, ans]
-                parts.setdefault(name, []).append(picked.float().cpu())
     full = _cat(parts)
     capture = TaskCapture(resid_final=full.pop("resid_final"))
     for name, value in full.items():
+        layer = int(name.split(".")[1]) if name.startswith("blocks.") else None
         if name in extra_hooks:
             capture.hooks[name] = value
         if name.endswith("hook_pattern"):
-            capture.rows[int(name.split(".")[1])] = value
+            capture.rows[layer] = value
         elif name.endswith("hook_z"):
-            capture.head_out[int(name.split(".")[1])] = value
+            capture.head_out[layer] = value
         elif name.endswith("hook_mlp_out"):
-            capture.mlp_out[int(name.split(".")[1])] = value
+            capture.mlp_out[layer] = value
         elif name.endswith("hook_post"):
-            capture.post[int(name.split(".")[1])] = value
+            capture.post[layer] = value
     return capture
 
 
