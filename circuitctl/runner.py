@@ -221,6 +221,8 @@ def finish(run_dir: Path, config: RunConfig, session, result, timings: dict[str,
             rows.append(_sweep_row(circuit, space, m_full, m_empty))
         else:
             files += written
+    explained, explain_notes = explain_step(run_dir, config, session, timings)
+    files, notes = files + explained, notes + explain_notes
     if result.sweep:
         from circuitctl.io.files import write_json
 
@@ -251,6 +253,25 @@ def finish(run_dir: Path, config: RunConfig, session, result, timings: dict[str,
         notes=[n for n in (rule_note, undefined_reason(m_full, m_empty)) if n] + sorted(set(notes)),
         sweep=rows,
     )
+
+
+def explain_step(run_dir: Path, config: RunConfig, session, timings: dict[str, float]) -> tuple[list[str], list[str]]:
+    """`explain: true`: explain the circuit(s) just written (explanation.json/.md, labels in
+    circuit.dot, circuit.grouped.dot) on the main rank. A failure here never fails the finished
+    discovery: it becomes a note. Returns (files written, relative to run_dir; notes)."""
+    from circuitctl import distributed
+
+    if not config.explain or not distributed.is_main():
+        return [], []
+    t0 = time.perf_counter()
+    try:
+        from circuitctl.explain.pipeline import explain_discovered
+
+        files, notes = explain_discovered(run_dir, session)
+    except Exception as exc:  # noqa: BLE001 - the circuit is written; the explanation is extra
+        files, notes = [], [f"the circuit was not explained ({type(exc).__name__}: {exc}); rerun `circuitctl explain {run_dir} --force`"]
+    timings["explain"] = time.perf_counter() - t0
+    return [f for f in files if "/" not in f], notes  # a sweep's files are listed by their directories
 
 
 def write_circuit(out: Path, config: RunConfig, session, space, circuit: _Circuit, m_full: float, m_empty: float, timings) -> tuple[list[str], str]:

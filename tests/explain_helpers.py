@@ -13,20 +13,21 @@ GOLDEN = ROOT / "tests" / "golden" / "v1"
 
 def planted_model(name: str):
     """A planted model (circuitctl's ground-truth models) built in-process."""
-    from circuitctl.models.planted import build, build_model
+    from circuitctl.testing.planted import build, build_model
 
     return build_model(build(name))
 
 
 def planted_run(directory: Path, name: str) -> Path:
-    """Discover a circuit on the shipped planted model `name` (models/planted-*, tasks/planted-*)
+    """Discover a circuit on the shipped planted model `name` (circuitctl/data/models/planted-*, tasks/planted-*)
     with exact patching, keeping every edge (so every distractor head is in the circuit)."""
     from circuitctl.config.load import load_config
+    from circuitctl.resources import SHIPPED_MODELS
     from circuitctl.runner import discover
 
     slug = name.replace("_", "-")
     config = {
-        "model": {"path": str(ROOT / "models" / f"planted-{slug}"), "device": "cpu"},
+        "model": {"path": str(SHIPPED_MODELS / f"planted-{slug}"), "device": "cpu"},
         "task": {"name": f"planted-{slug}"},
         "method": {"name": "exact"},
         "selection": {"top_n": 100000, "prune": False},

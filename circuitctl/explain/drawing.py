@@ -52,9 +52,14 @@ def _component(node_name: str) -> tuple[str, str | None]:
     return base, position or None
 
 
+def without_labels(dot: str) -> str:
+    """circuit.dot as the method drew it: the explanation's label block removed."""
+    return _BLOCK.sub("", dot)
+
+
 def labelled_dot(run: LoadedRun, record: dict, dot: str) -> str:
     """circuit.dot with the explanation's labels (an earlier label block is replaced)."""
-    dot = _BLOCK.sub("", dot)
+    dot = without_labels(dot)
     statements = []
     for name, node in run.nodes.items():
         entry = record["nodes"].get(node.component)
@@ -161,7 +166,8 @@ def write_drawings(run: LoadedRun, record: dict) -> tuple[list[str], list[str]]:
     if run.kind == "feature":
         notes.append("feature circuits have no head groups: no grouped drawing")
         return files, notes
-    n_layers = int((run.record_info.get("model") or {}).get("n_layers") or 0)
+    info = run.record_info
+    n_layers = int((info.get("model") or {}).get("n_layers") or info.get("graph", {}).get("n_layers") or 0)
     grouped_path: Path = run.run_dir / "circuit.grouped.dot"
     svg, note = write_drawing(grouped_path, grouped_dot(run, record, n_layers))
     files += [grouped_path.name] + ([svg.name] if svg else [])

@@ -7,7 +7,7 @@ the repeated-sequence probe, and (when the circuit has MLPs) one gradient pass p
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -60,8 +60,9 @@ def explain_run(run_dir: Path, force: bool = False, session=None) -> ExplainSumm
 def explain_discovered(run_dir: Path, session) -> tuple[list[str], list[str]]:
     """For `discover` (config `explain: true`): explain the run just written, with the run's open
     session, replacing any explanation a `--force` run left behind; a sweep's circuits are
-    explained one by one. A circuit that cannot be explained (no heads, MLPs or features) gives a
-    note instead of failing the run. Returns (files written, relative to run_dir; notes)."""
+    explained one by one. A circuit that cannot be explained (no heads, MLPs or features, or any
+    error) gives a note instead of failing the run. Returns (files written, relative to run_dir;
+    notes)."""
     run_dir = Path(run_dir)
     targets = [run_dir] if (run_dir / "circuit.json").is_file() else sorted(p.parent for p in run_dir.glob("*/circuit.json"))
     files, notes = [], []
@@ -70,6 +71,9 @@ def explain_discovered(run_dir: Path, session) -> tuple[list[str], list[str]]:
             summary = explain_run(target, force=True, session=session)
         except UsageError as exc:
             notes.append(f"not explained: {exc}")
+            continue
+        except Exception as exc:  # noqa: BLE001 - a finished discovery never fails on its explanation
+            notes.append(f"{target} not explained ({type(exc).__name__}: {exc}); rerun `circuitctl explain {target} --force`")
             continue
         prefix = "" if target == run_dir else f"{target.name}/"
         files += [prefix + name for name in summary.files if name.startswith("explanation") or name.startswith("circuit.grouped")]
@@ -118,6 +122,18 @@ def _task(session, data) -> _Task:
 
 def _round(value: float) -> float:
     return float(f"{value:.4g}")
+
+
+def _answer_group(data) -> str:
+    """The position group where the logits are read, for per-position circuit files that do
+    not record it (schema 1): the task's one position layout says."""
+    from circuitctl.graph.positions import END, PositionLayout
+
+    try:
+        layout = PositionLayout.from_data(data)
+    except UsageError:
+        return END
+    return layout.names[layout.answer]
 
 
 def _query_of(heads_positions: list[str | None], run: LoadedRun, labels: list[str]) -> str:
@@ -291,13 +307,17 @@ def _mlp_entries(run, session, data, passes: _Passes, batch_size: int) -> dict:
 
 
 def _feature_sites(run, session) -> dict:
-    """site name -> (hook name, SAE) for the sites of a feature circuit."""
+    """site name -> (hook name, SAE) for the sites of a feature circuit: the SAEs the circuit
+    file records (its space's sae_sources), else the run config's."""
     if run.kind != "feature":
         return {}
     from circuitctl.models.sae_sites import hook_name
     from circuitctl.sae.loading import resolve_saes
 
-    saes = resolve_saes(run.config.method.saes, run.config_dir, session.adapter.model, session.adapter.device)
+    sources = run.space.get("sae_sources") or {}
+    sites = run.space.get("sites") or list(sources)
+    spec = {site: sources[site] for site in sites} if sites and all(sources.get(site) for site in sites) else run.config.method.saes
+    saes = resolve_saes(spec, run.config_dir, session.adapter.model, session.adapter.device)
     return {site.name: (hook_name(site), sae) for site, (sae, _) in saes.items()}
 
 
@@ -378,6 +398,8 @@ def explain_circuit(run: LoadedRun, session) -> dict:
     model = session.adapter.model
     data = session.data.slice(0, min(session.data.n, MAX_PAIRS))
     batch_size = run.config.batch_size
+    if run.positions and not run.answer_groups:
+        run = replace(run, answer_groups=[_answer_group(session.data)])
     task = _task(session, data)
     head_layers = {n.layer for n in run.nodes.values() if n.kind == "head"}
     mlp_layers = {n.layer for n in run.nodes.values() if n.kind == "mlp"}

@@ -91,10 +91,22 @@ def test_clear_errors(tmp_path):
     (broken / "circuit.json").write_text("{not json")
     with pytest.raises(UsageError, match="not valid JSON"):
         _explain(broken)
-    mib = golden_run(tmp_path, "path_patching")
-    (mib / "circuit.json").write_text((mib / "circuit.mib.json").read_text())
-    with pytest.raises(UsageError, match="not a circuitctl circuit file"):
-        _explain(mib)
+    other = golden_run(tmp_path, "cdt")
+    (other / "circuit.json").write_text('{"nodes": {}}')
+    with pytest.raises(UsageError, match="not a circuit file"):
+        _explain(other)
+
+
+def test_a_mib_circuit_file_is_read_as_an_edge_circuit(tmp_path):
+    from circuitctl.explain.load import load_run
+
+    run = golden_run(tmp_path, "path_patching")
+    (run / "circuit.json").write_text((run / "circuit.mib.json").read_text())
+    loaded = load_run(run)
+    mib = json.loads((run / "circuit.mib.json").read_text())
+    assert loaded.kind == "edge"
+    assert set(loaded.edges) == {e for e, v in mib["edges"].items() if v["in_graph"]}
+    assert "a1.h1" in loaded.nodes
 
 
 def test_a_sweep_circuit_reads_its_parents_config(tmp_path):
@@ -173,7 +185,9 @@ def test_config_explain_flag_does_not_change_the_experiment_hash(tmp_path):
 
     config = load_config(golden_run(tmp_path, "demo") / "config.yaml")
     assert config.explain is True
-    assert config_hash(config.model_copy(update={"explain": False})) == config_hash(config) == "d96fed7d7f702465"
+    # the hash main gives this config without the explain field (the golden file's own hash,
+    # d96fed7d7f702465, predates selection.reselect, which did change it)
+    assert config_hash(config.model_copy(update={"explain": False})) == config_hash(config) == "0bcb66dec2d37ad7"
 
 
 @pytest.mark.parametrize(
@@ -199,7 +213,9 @@ def test_load_run_reads_every_circuit_kind(tmp_path, name, kind, nodes):
     if nodes is not None:
         assert set(run.nodes) == nodes
     if kind.startswith("positional"):
-        assert all(n.position for n in run.nodes.values()) and "end" in run.answer_groups
+        assert all(n.position for n in run.nodes.values())
+        assert run.positions == ["IO", "S1", "S2", "end", "other"]
+        assert run.answer_groups == []  # schema 1 does not record it: the pipeline reads it off the task
         assert run.nodes["a1.h1@end"].component == "a1.h1"
     if kind == "feature":
         assert all(n.kind == "feature" and n.label for n in run.nodes.values())
@@ -220,3 +236,60 @@ def test_explain_discovered_explains_every_circuit_of_a_sweep(tmp_path):
     assert "tau-0.01/explanation.json" in files and (sweep / "tau-0.01" / "explanation.md").is_file()
     files, _ = explain_discovered(sweep, session)  # a --force rerun of discover replaces it
     assert "tau-0.01/explanation.json" in files
+
+
+def _discover_planted_per_token(directory, explain: bool):
+    """discover on the planted induction model with per-token EAP-IG (a schema-2 per-position
+    circuit over t0 .. t5, end), explained at the end of discover unless `explain` is false."""
+    import yaml
+
+    from circuitctl.config.load import load_config
+    from circuitctl.resources import SHIPPED_MODELS
+    from circuitctl.runner import discover
+
+    config = {
+        "model": {"path": str(SHIPPED_MODELS / "planted-induction"), "device": "cpu"},
+        "task": {"name": "planted-induction"},
+        "method": {"name": "eap_ig", "positions": "per_token", "steps": 2},
+        "selection": {"top_n": 12},
+        "output": {"dir": str(directory)},
+        "explain": explain,
+    }
+    path = directory.parent / f"{directory.name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return discover(load_config(path), path.parent)
+
+
+def test_discover_explains_its_circuit_by_default(tmp_path):
+    from circuitctl.explain.drawing import BEGIN
+    from circuitctl.explain.load import load_run
+
+    summary = _discover_planted_per_token(tmp_path / "explained", explain=True)
+    run = tmp_path / "explained"
+    assert {"explanation.json", "explanation.md", "circuit.grouped.dot"} <= set(summary.files)
+    assert "explain" in summary.seconds
+    loaded = load_run(run)
+    assert loaded.kind == "positional_edge" and loaded.answer_groups == ["end"]  # schema 2 records it
+    assert loaded.positions == ["t0", "t1", "t2", "t3", "t4", "t5", "end"]
+    nodes = json.loads((run / "explanation.json").read_text())["nodes"]
+    assert nodes["a1.h0"]["positions"] == ["end"] and nodes["a1.h0"]["roles"][0]["role"] == "induction"
+    assert [r["role"] for r in nodes["a0.h0"]["roles"]] == ["previous_token"]
+    # explain only adds a label block to the drawing discover wrote
+    plain = tmp_path / "plain"
+    summary = _discover_planted_per_token(plain, explain=False)
+    assert not (plain / "explanation.json").exists() and "explain" not in summary.seconds
+    labelled = (run / "circuit.dot").read_text()
+    assert BEGIN in labelled and labelled.split(BEGIN)[0] == (plain / "circuit.dot").read_text().rpartition("}")[0]
+
+
+def test_an_explanation_failure_never_fails_the_discovery(tmp_path, monkeypatch):
+    import circuitctl.explain.pipeline as pipeline
+
+    def broken(run_dir, force=False, session=None):
+        raise RuntimeError("probe exploded")
+
+    monkeypatch.setattr(pipeline, "explain_run", broken)
+    summary = _discover_planted_per_token(tmp_path / "run", explain=True)
+    assert (tmp_path / "run" / "circuit.json").is_file() and summary.faithfulness is not None
+    assert any("not explained" in note and "probe exploded" in note for note in summary.notes)
+    assert not (tmp_path / "run" / "explanation.json").exists()
