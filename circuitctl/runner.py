@@ -221,14 +221,14 @@ def finish(run_dir: Path, config: RunConfig, session, result, timings: dict[str,
             rows.append(_sweep_row(circuit, space, m_full, m_empty))
         else:
             files += written
-    explained, explain_notes = explain_step(run_dir, config, session, timings)
-    files, notes = files + explained, notes + explain_notes
     if result.sweep:
         from circuitctl.io.files import write_json
 
         write_json(run_dir / "sweep.json", {"method": method, "metric_full": m_full, "metric_empty": m_empty, "points": rows})
         files += ["sweep.json"] + [f"{row['label']}/" for row in rows]
     files += write_method_files(run_dir, result.files)
+    explained, explain_notes = explain_step(run_dir, config, session, timings)  # after sweep.json: a sweep's circuits read it
+    files, notes = files + explained, notes + explain_notes
     rule_note = ignored_rule_note(config.selection, method) if any(p.membership is not None for p in points) else None
     from circuitctl.metrics.faithfulness import normalized_faithfulness, undefined_reason
 

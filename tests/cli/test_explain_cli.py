@@ -293,3 +293,16 @@ def test_an_explanation_failure_never_fails_the_discovery(tmp_path, monkeypatch)
     assert (tmp_path / "run" / "circuit.json").is_file() and summary.faithfulness is not None
     assert any("not explained" in note and "probe exploded" in note for note in summary.notes)
     assert not (tmp_path / "run" / "explanation.json").exists()
+
+
+def test_discover_explains_every_circuit_of_a_sweep(tmp_path):
+    from circuitctl.config.load import load_config
+    from circuitctl.runner import discover
+
+    source = golden_run(tmp_path, "acdc_sweep")  # its config: ACDC with tau [0.01, 0.1]
+    run = tmp_path / "run"
+    summary = discover(load_config(source / "config.yaml", [f"output.dir={run}"]), source)
+    for label in ("tau-0.01", "tau-0.1"):
+        record = json.loads((run / label / "explanation.json").read_text())
+        assert record["nodes"]["a1.h0"]["dla"]["clean"] == pytest.approx(4.44, abs=0.01)
+    assert not any("explain" in note for note in summary.notes), summary.notes
