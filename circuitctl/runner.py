@@ -267,7 +267,7 @@ def explain_step(run_dir: Path, config: RunConfig, session, timings: dict[str, f
     try:
         from circuitctl.explain.pipeline import explain_discovered
 
-        files, notes = explain_discovered(run_dir, session)
+        files, notes = explain_discovered(run_dir, session, config)
     except Exception as exc:  # noqa: BLE001 - the circuit is written; the explanation is extra
         files, notes = [], [f"the circuit was not explained ({type(exc).__name__}: {exc}); rerun `circuitctl explain {run_dir} --force`"]
     timings["explain"] = time.perf_counter() - t0

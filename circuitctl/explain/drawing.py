@@ -150,26 +150,32 @@ def grouped_dot(run: LoadedRun, record: dict, n_layers: int) -> str:
 
 
 def write_drawings(run: LoadedRun, record: dict) -> tuple[list[str], list[str]]:
-    """Label circuit.dot (and re-render its .svg), draw circuit.grouped.dot (.svg)."""
+    """Label circuit.dot (and re-render its .svg), draw circuit.grouped.dot (.svg). The two
+    Graphviz renders run side by side (each is a `dot` subprocess: most of explain's time on
+    small circuits)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from circuitctl.io.graphviz import write_drawing
 
-    files, notes = [], []
     if run.kind == "neuron":
-        return files, ["neuron circuits are drawn neuron by neuron: circuit.dot is left as it is and no grouped drawing is made"]
+        return [], ["neuron circuits are drawn neuron by neuron: circuit.dot is left as it is and no grouped drawing is made"]
+    drawings: dict[Path, str] = {}
+    notes = []
     dot_path = run.run_dir / "circuit.dot"
     if dot_path.is_file():
-        svg, note = write_drawing(dot_path, labelled_dot(run, record, dot_path.read_text()))
-        files += ["circuit.dot"] + ([svg.name] if svg else [])
-        notes.append(note)
+        drawings[dot_path] = labelled_dot(run, record, dot_path.read_text())
     else:
         notes.append("the run has no circuit.dot to label")
     if run.kind == "feature":
         notes.append("feature circuits have no head groups: no grouped drawing")
-        return files, notes
-    info = run.record_info
-    n_layers = int((info.get("model") or {}).get("n_layers") or info.get("graph", {}).get("n_layers") or 0)
-    grouped_path: Path = run.run_dir / "circuit.grouped.dot"
-    svg, note = write_drawing(grouped_path, grouped_dot(run, record, n_layers))
-    files += [grouped_path.name] + ([svg.name] if svg else [])
-    notes.append(note)
+    else:
+        info = run.record_info
+        n_layers = int((info.get("model") or {}).get("n_layers") or info.get("graph", {}).get("n_layers") or 0)
+        drawings[run.run_dir / "circuit.grouped.dot"] = grouped_dot(run, record, n_layers)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        drawn = list(pool.map(write_drawing, drawings, drawings.values()))
+    files = []
+    for path, (svg, note) in zip(drawings, drawn):
+        files += [path.name] + ([svg.name] if svg else [])
+        notes.append(note)
     return files, notes

@@ -134,8 +134,9 @@ def _title(record: dict, kind: str, n_nodes: int) -> str:
     return f"{task} | {method} | {kind} circuit | {n_nodes} nodes explained{f}"
 
 
-def load_run(run_dir: Path) -> LoadedRun:
-    """The run's config and its circuit's nodes and edges (see `LoadedRun`)."""
+def load_run(run_dir: Path, config: RunConfig | None = None) -> LoadedRun:
+    """The run's config and its circuit's nodes and edges (see `LoadedRun`). `config`: the run's
+    config when the caller has it (discover), instead of reading config.yaml again."""
     from circuitctl.circuits.record import load_circuit_file
     from circuitctl.config.load import load_config
 
@@ -149,7 +150,7 @@ def load_run(run_dir: Path) -> LoadedRun:
             raise UsageError(f"'{run_dir}' holds a sweep; explain one of its circuits: {', '.join(str(run_dir / s) for s in subdirs)}")
         raise UsageError(f"'{run_dir}' has no circuit.json (not a finished run directory)")
     config_path = _config_path(run_dir)
-    config = load_config(config_path)
+    config = config if config is not None else load_config(config_path)
     record = load_circuit_file(circuit_path).record
     space = record["space"]
     kind = space["kind"]

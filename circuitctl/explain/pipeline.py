@@ -34,11 +34,12 @@ class ExplainSummary:
     seconds: float = 0.0
 
 
-def explain_run(run_dir: Path, force: bool = False, session=None) -> ExplainSummary:
-    """Explain the circuit in `run_dir`. `session`: the run's open session (`discover` passes
-    its own, so the model is not loaded twice); by default it is opened from config.yaml."""
+def explain_run(run_dir: Path, force: bool = False, session=None, config=None) -> ExplainSummary:
+    """Explain the circuit in `run_dir`. `session`, `config`: the run's open session and its
+    config (`discover` passes its own, so neither is loaded twice); by default both come from
+    the run's config.yaml."""
     started = time.perf_counter()
-    run = load_run(Path(run_dir))
+    run = load_run(Path(run_dir), config)
     existing = [name for name in OUTPUTS if (run.run_dir / name).exists()]
     if existing and not force:
         raise UsageError(f"{run.run_dir / existing[0]} already exists; pass --force to replace the explanation")
@@ -57,7 +58,7 @@ def explain_run(run_dir: Path, force: bool = False, session=None) -> ExplainSumm
     return ExplainSummary(run.run_dir, run.kind, nodes, groups, files, notes, time.perf_counter() - started)
 
 
-def explain_discovered(run_dir: Path, session) -> tuple[list[str], list[str]]:
+def explain_discovered(run_dir: Path, session, config=None) -> tuple[list[str], list[str]]:
     """For `discover` (config `explain: true`): explain the run just written, with the run's open
     session, replacing any explanation a `--force` run left behind; a sweep's circuits are
     explained one by one. A circuit that cannot be explained (no heads, MLPs or features, or any
@@ -68,7 +69,7 @@ def explain_discovered(run_dir: Path, session) -> tuple[list[str], list[str]]:
     files, notes = [], []
     for target in targets:
         try:
-            summary = explain_run(target, force=True, session=session)
+            summary = explain_run(target, force=True, session=session, config=config)
         except UsageError as exc:
             notes.append(f"not explained: {exc}")
             continue

@@ -285,7 +285,7 @@ def test_discover_explains_its_circuit_by_default(tmp_path):
 def test_an_explanation_failure_never_fails_the_discovery(tmp_path, monkeypatch):
     import circuitctl.explain.pipeline as pipeline
 
-    def broken(run_dir, force=False, session=None):
+    def broken(run_dir, **kwargs):
         raise RuntimeError("probe exploded")
 
     monkeypatch.setattr(pipeline, "explain_run", broken)
