@@ -86,3 +86,29 @@ def test_toy_ioi_labels_reproduce_the_hand_analysis(tmp_path):
     assert len(groups) == 1 and sorted(groups[0]["members"]) == ["a1.h0", "a1.h1", "a1.h3"]
     assert groups[0]["target"] == "S2" and groups[0]["dla_sign"] == "+"
     assert nodes["m1"]["dla"]["clean"] > 2  # the largest direct contribution
+    # the README's figures (+1.00, +1.73, +1.31, m1 +3.76), from a plain TransformerLens cache:
+    # each output at the end position, centred, divided by ln_final's scale, times its gain, read
+    # by W_U[IO] - W_U[S], mean over the clean prompts
+    reference = _toy_ioi_direct_logit_attribution(run)
+    for name, readme in {"a1.h0": 1.00, "a1.h1": 1.73, "a1.h3": 1.31, "m1": 3.76}.items():
+        assert nodes[name]["dla"]["clean"] == pytest.approx(reference[name], abs=1e-3)
+        assert round(reference[name], 2) == readme
+
+
+def _toy_ioi_direct_logit_attribution(run) -> dict[str, float]:
+    import torch
+
+    from circuitctl.config.load import load_config
+    from circuitctl.session import open_session
+
+    session = open_session(load_config(run / "config.yaml"), run)
+    model, data = session.adapter.model, session.data
+    with torch.no_grad():
+        _, cache = model.run_with_cache(data.clean)
+    rows, end = torch.arange(data.n), data.answer_positions.long()
+    direction = (model.W_U[:, data.answers[:, 0]] - model.W_U[:, data.wrong[:, 0]]).T  # [N, d]
+    scale = cache["ln_final.hook_scale"][rows, end]
+    outputs = {f"a1.h{h}": cache["blocks.1.attn.hook_z"][rows, end, h] @ model.W_O[1, h] for h in (0, 1, 3)}
+    outputs["m1"] = cache["blocks.1.hook_mlp_out"][rows, end]
+    read = lambda x: float((((x - x.mean(-1, keepdim=True)) / scale * model.ln_final.w) * direction).sum(-1).mean())  # noqa: E731
+    return {name: read(x) for name, x in outputs.items()}
