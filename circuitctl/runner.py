@@ -260,8 +260,12 @@ def explain_step(run_dir: Path, config: RunConfig, session, timings: dict[str, f
     circuit.dot, circuit.grouped.dot) on the main rank. A failure here never fails the finished
     discovery: it becomes a note. Returns (files written, relative to run_dir; notes)."""
     from circuitctl import distributed
+    from circuitctl.explain.report import remove_explanations
 
-    if not config.explain or not distributed.is_main():
+    if not distributed.is_main():
+        return [], []
+    remove_explanations(run_dir)  # a --force rerun: an earlier run's explanation describes another circuit
+    if not config.explain:
         return [], []
     t0 = time.perf_counter()
     try:

@@ -23,6 +23,7 @@ explanation.json (schema_version 1):
 from __future__ import annotations
 
 import html
+from pathlib import Path
 
 from circuitctl.explain.load import LoadedRun
 from circuitctl.io.files import write_atomic, write_json
@@ -165,3 +166,21 @@ def write_explanation(run: LoadedRun, explanation: dict) -> tuple[list[str], lis
     write_atomic(run.run_dir / "explanation.md", to_markdown(record))
     files, notes = write_drawings(run, record)
     return ["explanation.json", "explanation.md", *files], notes
+
+
+EXPLANATION_FILES = ("explanation.json", "explanation.md", "circuit.grouped.dot", "circuit.grouped.svg")
+
+
+def remove_explanations(run_dir: Path) -> list[str]:
+    """Remove the explanation files of the run in `run_dir` (and of each circuit of a sweep):
+    `discover --force` rewrites circuit.dot unlabelled, so an earlier run's explanation would
+    describe another circuit. Returns the removed files, relative to run_dir."""
+    run_dir = Path(run_dir)
+    removed = []
+    for directory in [run_dir, *sorted(p.parent for p in run_dir.glob("*/circuit.json"))]:
+        for name in EXPLANATION_FILES:
+            path = directory / name
+            if path.is_file():
+                path.unlink()
+                removed.append(str(path.relative_to(run_dir)))
+    return removed

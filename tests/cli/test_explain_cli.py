@@ -238,7 +238,7 @@ def test_explain_discovered_explains_every_circuit_of_a_sweep(tmp_path):
     assert "tau-0.01/explanation.json" in files
 
 
-def _discover_planted_per_token(directory, explain: bool):
+def _discover_planted_per_token(directory, explain: bool, force: bool = False):
     """discover on the planted induction model with per-token EAP-IG (a schema-2 per-position
     circuit over t0 .. t5, end), explained at the end of discover unless `explain` is false."""
     import yaml
@@ -257,7 +257,7 @@ def _discover_planted_per_token(directory, explain: bool):
     }
     path = directory.parent / f"{directory.name}.yaml"
     path.write_text(yaml.safe_dump(config))
-    return discover(load_config(path), path.parent)
+    return discover(load_config(path), path.parent, force=force)
 
 
 def test_discover_explains_its_circuit_by_default(tmp_path):
@@ -274,12 +274,13 @@ def test_discover_explains_its_circuit_by_default(tmp_path):
     nodes = json.loads((run / "explanation.json").read_text())["nodes"]
     assert nodes["a1.h0"]["positions"] == ["end"] and nodes["a1.h0"]["roles"][0]["role"] == "induction"
     assert [r["role"] for r in nodes["a0.h0"]["roles"]] == ["previous_token"]
-    # explain only adds a label block to the drawing discover wrote
-    plain = tmp_path / "plain"
-    summary = _discover_planted_per_token(plain, explain=False)
-    assert not (plain / "explanation.json").exists() and "explain" not in summary.seconds
+    # explain only adds a label block to the drawing discover wrote; a --force rerun without
+    # explain leaves no explanation of the earlier circuit behind
     labelled = (run / "circuit.dot").read_text()
-    assert BEGIN in labelled and labelled.split(BEGIN)[0] == (plain / "circuit.dot").read_text().rpartition("}")[0]
+    summary = _discover_planted_per_token(run, explain=False, force=True)
+    assert "explain" not in summary.seconds
+    assert not [p.name for p in run.iterdir() if p.name.startswith(("explanation", "circuit.grouped"))]
+    assert BEGIN in labelled and labelled.split(BEGIN)[0] == (run / "circuit.dot").read_text().rpartition("}")[0]
 
 
 def test_an_explanation_failure_never_fails_the_discovery(tmp_path, monkeypatch):
