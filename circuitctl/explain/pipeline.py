@@ -34,10 +34,11 @@ class ExplainSummary:
     seconds: float = 0.0
 
 
-def explain_run(run_dir: Path, force: bool = False, session=None, config=None) -> ExplainSummary:
+def explain_run(run_dir: Path, force: bool = False, session=None, config=None, viewer: bool = True) -> ExplainSummary:
     """Explain the circuit in `run_dir`. `session`, `config`: the run's open session and its
     config (`discover` passes its own, so neither is loaded twice); by default both come from
-    the run's config.yaml."""
+    the run's config.yaml. `viewer`: rewrite the run's circuit.html, if it has one, so that it
+    shows the explanation (discover writes its pages after explaining)."""
     started = time.perf_counter()
     run = load_run(Path(run_dir), config)
     existing = [name for name in OUTPUTS if (run.run_dir / name).exists()]
@@ -53,6 +54,12 @@ def explain_run(run_dir: Path, force: bool = False, session=None, config=None) -
     from circuitctl.explain.report import write_explanation
 
     files, notes = write_explanation(run, explanation)
+    if viewer and (run.run_dir / "circuit.html").is_file():
+        from circuitctl.viewer import refresh_viewer
+
+        page, problem = refresh_viewer(run.run_dir)
+        files += [page.name] if page is not None else []
+        notes += [problem] if problem else []
     nodes = {name: one_line(entry) for name, entry in explanation["nodes"].items()}
     groups = [(g["id"], g["name"]) for g in explanation["groups"] if len(g["members"]) > 1]
     return ExplainSummary(run.run_dir, run.kind, nodes, groups, files, notes, time.perf_counter() - started)
@@ -69,7 +76,7 @@ def explain_discovered(run_dir: Path, session, config=None) -> tuple[list[str], 
     files, notes = [], []
     for target in targets:
         try:
-            summary = explain_run(target, force=True, session=session, config=config)
+            summary = explain_run(target, force=True, session=session, config=config, viewer=False)
         except UsageError as exc:
             notes.append(f"not explained: {exc}")
             continue

@@ -3,6 +3,7 @@ overwriting without --force, clear errors."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -185,9 +186,11 @@ def test_config_explain_flag_does_not_change_the_experiment_hash(tmp_path):
 
     config = load_config(golden_run(tmp_path, "demo") / "config.yaml")
     assert config.explain is True
-    # the hash main gives this config without the explain field (the golden file's own hash,
-    # d96fed7d7f702465, predates selection.reselect, which did change it)
-    assert config_hash(config.model_copy(update={"explain": False})) == config_hash(config) == "0bcb66dec2d37ad7"
+    assert config_hash(config.model_copy(update={"explain": False})) == config_hash(config)
+    # the hash of the config's dump as if the field did not exist (every section but output)
+    dump = {k: v for k, v in config.to_plain().items() if k not in ("output", "explain")}
+    canonical = json.dumps(dump, sort_keys=True, separators=(",", ":"))
+    assert config_hash(config) == hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 @pytest.mark.parametrize(
@@ -274,6 +277,7 @@ def test_discover_explains_its_circuit_by_default(tmp_path):
     nodes = json.loads((run / "explanation.json").read_text())["nodes"]
     assert nodes["a1.h0"]["positions"] == ["end"] and nodes["a1.h0"]["roles"][0]["role"] == "induction"
     assert [r["role"] for r in nodes["a0.h0"]["roles"]] == ["previous_token"]
+    assert _page_explanation(run)["nodes"]["a1.h0"]["roles"][0]["role"] == "induction"  # the viewer shows it
     # explain only adds a label block to the drawing discover wrote; a --force rerun without
     # explain leaves no explanation of the earlier circuit behind
     labelled = (run / "circuit.dot").read_text()
@@ -281,6 +285,19 @@ def test_discover_explains_its_circuit_by_default(tmp_path):
     assert "explain" not in summary.seconds
     assert not [p.name for p in run.iterdir() if p.name.startswith(("explanation", "circuit.grouped"))]
     assert BEGIN in labelled and labelled.split(BEGIN)[0] == (run / "circuit.dot").read_text().rpartition("}")[0]
+    assert _page_explanation(run) is None
+    # `circuitctl explain` afterwards rewrites the run's page with the explanation
+    assert "circuit.html" in _explain(run).files
+    assert _page_explanation(run)["nodes"]["a0.h0"]["roles"][0]["role"] == "previous_token"
+
+
+def _page_explanation(run):
+    """The explanation embedded in the run's circuit.html (None when it has none)."""
+    import re
+
+    html = (run / "circuit.html").read_text()
+    data = json.loads(re.search(r'<script type="application/json" id="circuit-data">(.*?)</script>', html, re.S).group(1))
+    return data["meta"]["explanation"]
 
 
 def test_an_explanation_failure_never_fails_the_discovery(tmp_path, monkeypatch):

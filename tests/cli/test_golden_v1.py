@@ -20,6 +20,7 @@ CHANGED = {
     ("results", "unit"), ("results", "chosen_by"),  # new: the counted unit, the rule that chose the circuit
     ("task", "origin"), ("config", "output"),  # where the task file and the run directory are
     ("config", "explain"),  # new: explain the circuit at the end of discover
+    ("config", "cache_gib"),  # new: the batch cache's device budget
 }
 
 
