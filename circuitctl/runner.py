@@ -227,6 +227,8 @@ def finish(run_dir: Path, config: RunConfig, session, result, timings: dict[str,
         write_json(run_dir / "sweep.json", {"method": method, "metric_full": m_full, "metric_empty": m_empty, "points": rows})
         files += ["sweep.json"] + [f"{row['label']}/" for row in rows]
     files += write_method_files(run_dir, result.files)
+    explained, explain_notes = explain_step(run_dir, config, session, timings)  # after sweep.json: a sweep's circuits read it
+    files, notes = files + explained, notes + explain_notes
     rule_note = ignored_rule_note(config.selection, method) if any(p.membership is not None for p in points) else None
     from circuitctl.metrics.faithfulness import normalized_faithfulness, undefined_reason
 
@@ -251,6 +253,29 @@ def finish(run_dir: Path, config: RunConfig, session, result, timings: dict[str,
         notes=[n for n in (rule_note, undefined_reason(m_full, m_empty)) if n] + sorted(set(notes)),
         sweep=rows,
     )
+
+
+def explain_step(run_dir: Path, config: RunConfig, session, timings: dict[str, float]) -> tuple[list[str], list[str]]:
+    """`explain: true`: explain the circuit(s) just written (explanation.json/.md, labels in
+    circuit.dot, circuit.grouped.dot) on the main rank. A failure here never fails the finished
+    discovery: it becomes a note. Returns (files written, relative to run_dir; notes)."""
+    from circuitctl import distributed
+    from circuitctl.explain.report import remove_explanations
+
+    if not distributed.is_main():
+        return [], []
+    remove_explanations(run_dir)  # a --force rerun: an earlier run's explanation describes another circuit
+    if not config.explain:
+        return [], []
+    t0 = time.perf_counter()
+    try:
+        from circuitctl.explain.pipeline import explain_discovered
+
+        files, notes = explain_discovered(run_dir, session, config)
+    except Exception as exc:  # noqa: BLE001 - the circuit is written; the explanation is extra
+        files, notes = [], [f"the circuit was not explained ({type(exc).__name__}: {exc}); rerun `circuitctl explain {run_dir} --force`"]
+    timings["explain"] = time.perf_counter() - t0
+    return [f for f in files if "/" not in f], notes  # a sweep's files are listed by their directories
 
 
 def write_circuit(out: Path, config: RunConfig, session, space, circuit: _Circuit, m_full: float, m_empty: float, timings) -> tuple[list[str], str]:

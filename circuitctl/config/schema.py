@@ -124,6 +124,7 @@ class RunConfig(Section):
         description="accelerator memory (GiB) for the batches that evaluation and ACDC keep between uses; beyond it "
         "they wait on the host (or are recomputed); default: half the GPU's free memory, no limit on the CPU",
     )
+    explain: bool = Field(True, description="explain the circuit at the end of discover (circuitctl explain RUN_DIR)")
     max_batch_size: Optional[int] = Field(
         None,
         ge=1,

@@ -47,7 +47,9 @@ def test_discover_writes_the_page_of_every_kind(runs, name):
     from circuitctl.viewer import payload_from_record
     from circuitctl.viewer.page import compact
 
-    payload = payload_from_record(loaded.record, faithfulness)
+    explanation = read_json(run / "explanation.json")  # discover explains before it writes the page
+    assert explanation is not None and data["meta"]["explanation"] == explanation
+    payload = payload_from_record(loaded.record, faithfulness, explanation)
     check_payload(loaded.record, faithfulness, payload)
     assert data == json.loads(json.dumps(compact(payload)))  # the page holds exactly this payload
     summary = summaries[name.split("/")[0]]["discover"]
