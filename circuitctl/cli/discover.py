@@ -22,6 +22,7 @@ def discover(
     force: bool = typer.Option(False, "--force", help="replace the files of an existing run directory"),
     rerun: Optional[Path] = typer.Option(None, "--from", help="rerun the config recorded in an earlier run directory"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue an interrupted run (ACDC, path patching, EAP-IG, exact patching, CD-T) from its checkpoint in RUN_DIR"),
+    allow_small_gap: bool = typer.Option(False, "--allow-small-gap", help="run even when the task has no clean-corrupt gap (same as checks.allow_small_gap=true)"),
 ) -> None:
     """Discover a circuit and write circuit.json, circuit.mib.json, circuit.dot (and .svg)."""
     from circuitctl.config.load import load_config
@@ -34,7 +35,7 @@ def discover(
             raise UsageError(f"--from: '{rerun}' has no config.yaml (not a run directory)")
     if config is None:
         raise UsageError("give a config file (or --from RUN_DIR)")
-    run_config = load_config(config, overrides or [])
+    run_config = load_config(config, list(overrides or []) + (["checks.allow_small_gap=true"] if allow_small_gap else []))
     from circuitctl.runner import discover as run_discovery
 
     summary = run_discovery(run_config, config.parent, force=force, resume=resume)

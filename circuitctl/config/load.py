@@ -200,8 +200,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 
 
 def config_hash(config: RunConfig) -> str:
-    """A short hash that identifies the experiment: every section except `output`, so the
-    same config rerun into another directory keeps its hash."""
-    experiment = {k: v for k, v in config.to_plain().items() if k != "output"}
+    """A short hash that identifies the experiment: every section except `output` and `checks`
+    (neither changes a result), so the same config rerun into another directory keeps its hash."""
+    experiment = {k: v for k, v in config.to_plain().items() if k not in ("output", "checks")}
     canonical = json.dumps(experiment, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -100,6 +100,14 @@ class OutputConfig(Section):
     dir: Optional[str] = Field(None, description="run directory; default runs/<task>-<method>-<time>")
 
 
+class ChecksConfig(Section):
+    """Checks run before a method (circuitctl.checks); they never change a result, only refuse or allow a run."""
+
+    allow_small_gap: bool = Field(
+        False, description="run even when the task has no clean-corrupt gap (f(C) is then undefined and scores are noise)"
+    )
+
+
 class RunConfig(Section):
     model: ModelConfig
     task: TaskConfig
@@ -112,6 +120,7 @@ class RunConfig(Section):
     )
     selection: SelectionConfig = SelectionConfig()
     output: OutputConfig = OutputConfig()
+    checks: ChecksConfig = ChecksConfig()
     seed: int = 0
     max_batch_size: Optional[int] = Field(
         None,

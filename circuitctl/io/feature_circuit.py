@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from circuitctl.errors import UsageError
+from circuitctl.io.escape import dot_string
 from circuitctl.io.files import write_json
 from circuitctl.sae.circuit import FeatureCircuit
 from circuitctl.sae.sites import LOGITS, parse_node, parse_site, split_edge
@@ -120,12 +121,12 @@ _FILL = {"embed": "#dddddd", "attn": "#d9ead3", "mlp": "#fde9c9", "resid": "#cfe
 
 
 def _quote(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', r"\"") + '"'
+    return dot_string(text)
 
 
 def _multiline(lines: list[str]) -> str:
     """A quoted Graphviz label with one line per entry."""
-    return '"' + "\\n".join(line.replace("\\", "\\\\").replace('"', r"\"") for line in lines) + '"'
+    return dot_string("\n".join(lines))
 
 
 def to_dot(circuit: FeatureCircuit, title: str = "") -> str:

@@ -11,6 +11,7 @@ import torch
 
 from circuitctl.graph import naming
 from circuitctl.graph.graph import Graph
+from circuitctl.io.escape import dot_string
 from circuitctl.io.files import write_atomic
 
 CHANNEL_COLOURS = {"q": "#7b3294", "k": "#1a9641", "v": "#e66101"}  # purple, green, orange
@@ -18,7 +19,7 @@ POSITIVE, NEGATIVE = "#2c5d8f", "#c0392b"
 
 
 def _quote(name: str) -> str:
-    return '"' + name.replace('"', r"\"") + '"'
+    return dot_string(name)  # escapes quotes, backslashes, '&', newlines and control characters
 
 
 def _layer_of(name: str, n_layers: int) -> int:

@@ -13,7 +13,7 @@ from circuitctl.graph import naming
 from circuitctl.io.graphviz import CHANNEL_COLOURS, NEGATIVE, POSITIVE, _quote, to_dot
 
 
-NEWLINE = "\\n"  # Graphviz's line break inside a label
+NEWLINE = "\n"  # a line break inside a label (`_quote` writes it as Graphviz's \n)
 
 
 def _layer(node: naming.NodeName, n_layers: int) -> int:
