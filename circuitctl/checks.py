@@ -115,7 +115,7 @@ def judge_task_signal(signal: TaskSignal, allow_small_gap: bool = False) -> list
         if signal.per_position_mean:
             refusals.append(
                 "ablation: mean over a single example replaces every activation with its own clean value, so the empty "
-                "circuit is the full model; use more pairs, or ablation: resample or zero"
+                f"circuit is the full model ({numbers}); use more pairs, or ablation: resample or zero"
             )
         else:
             warnings.append("ablation: mean over a single example averages one prompt's positions only; use more pairs")

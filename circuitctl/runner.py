@@ -13,7 +13,7 @@ import yaml
 from circuitctl.config.load import config_hash
 from circuitctl.config.schema import RunConfig
 from circuitctl.errors import UsageError
-from circuitctl.io.files import prepare_run_dir, remove_if_empty, write_atomic
+from circuitctl.io.files import prepare_run_dir, remove_if_empty, staged_writes, write_atomic
 from circuitctl.io.run_lock import RunLock
 from circuitctl.checks import check_task_signal
 from circuitctl.session import check_model_source, open_session, read_task_source
@@ -61,13 +61,13 @@ def discover(config: RunConfig, config_dir: Path | None = None, force: bool = Fa
     if resume is not None:
         if distributed.world_size() > 1:
             raise UsageError("--resume is not supported under torchrun; resume on one process")
-        with RunLock(resume, "--resume"):  # one process at a time in a run directory
+        with RunLock(resume, "--resume"), staged_writes(resume):  # one process at a time; results land together
             return _discover_with_notes(check_resumable(resume, config), config, config_dir, timings, started, resume=True)
     if distributed.world_size() > 1:
         return _discover_on_ranks(run_dir, config, config_dir, force, timings, started)
     existed = run_dir.exists()
     try:
-        with RunLock(run_dir, "output.dir"):  # one process at a time in a run directory
+        with RunLock(run_dir, "output.dir"), staged_writes(run_dir):  # one process at a time; results land together
             run_dir = prepare_run_dir(run_dir, force)
             return _discover_with_notes(run_dir, config, config_dir, timings, started)
     except BaseException:

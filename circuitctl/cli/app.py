@@ -57,7 +57,11 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     state["debug"] = "--debug" in args
     try:
-        command.main(args=args, prog_name="circuitctl", standalone_mode=False)
+        code = command.main(args=args, prog_name="circuitctl", standalone_mode=False)
+        if isinstance(code, int) and code:  # newer Typer returns exit codes (130 for Ctrl-C) instead of raising
+            if code == 130:
+                err_console.print("interrupted")
+            sys.exit(code)
     except _EXIT as exc:
         sys.exit(exc.exit_code)
     except _CLICK_ERRORS as exc:  # bad arguments, unknown commands and options

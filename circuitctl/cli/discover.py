@@ -7,6 +7,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from circuitctl.cli.app import app
@@ -40,7 +41,7 @@ def discover(
 
     summary = run_discovery(run_config, config.parent, force=force, resume=resume)
     table = Table(title=f"circuit discovered with {summary.method}", show_header=False)
-    table.add_row("run directory", str(summary.run_dir))
+    table.add_row("run directory", escape(str(summary.run_dir)))  # paths and notes are text, never markup
     if summary.sweep:  # several circuits: their numbers are in the sweep table
         table.add_row("edges in the graph", str(summary.n_edges_total))
         table.add_row("metric: full / empty", f"{summary.m_full:.4f} / {summary.m_empty:.4f}")
@@ -55,7 +56,7 @@ def discover(
     if summary.sweep:
         console.print(sweep_table(summary.sweep))
     for note in summary.notes:
-        console.print(f"note: {note}")
+        console.print(f"note: {escape(note)}")
 
 
 def sweep_table(rows: list[dict]) -> Table:

@@ -33,18 +33,58 @@ def describe_yaml_error(path: Path, exc: yaml.YAMLError) -> str:
     return f"{path}: malformed YAML{where}: {problem}"
 
 
+def read_text(path: Path) -> str:
+    """A config or task file's text (UTF-8), or one message saying why it cannot be read."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not UTF-8 text (byte {exc.start + 1})") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+
+
+MAX_NESTING = 64  # configs and task specs nest a few levels; PyYAML's pure-Python parser is quadratic in depth
+
+
+def check_nesting(text: str, path: Path) -> None:
+    """Refuse YAML whose [ ] / { } nesting is deeper than MAX_NESTING before parsing it (deep
+    nesting makes PyYAML slow, then exhausts Python's recursion). Quoted text and comments are skipped."""
+    depth, quote, line = 0, None, 1
+    previous = "\n"
+    for ch in text:
+        if ch == "\n":
+            line += 1
+        if quote is not None:
+            if ch == quote and not (quote == '"' and previous == "\\"):
+                quote = None
+        elif ch == "#" and previous in " \t\n":
+            quote = "\n"  # a comment runs to the end of the line
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_NESTING:
+                raise UsageError(f"{path} line {line}: YAML nested more than {MAX_NESTING} levels deep")
+        elif ch in "]}":
+            depth = max(0, depth - 1)
+        previous = "" if previous == "\\" and ch == "\\" else ch
+
+
 def read_yaml(path: Path) -> tuple[Any, dict[tuple, int]]:
     """Parse a YAML file safely; return the data and a map from key path to line number."""
     if not path.exists():
         raise UsageError(f"config file '{path}' does not exist")
     if path.is_dir():
         raise UsageError(f"config '{path}' is a directory, not a YAML file")
-    text = path.read_text()
+    text = read_text(path)
+    check_nesting(text, path)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise UsageError(describe_yaml_error(path, exc)) from exc
+    except RecursionError:  # PyYAML recurses once per nesting level
+        raise UsageError(f"{path}: YAML nested too deeply to read") from None
     lines: dict[tuple, int] = {}
 
     def walk(n, prefix: tuple) -> None:
@@ -65,8 +105,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise UsageError(f"override '{text}': '{key}' is not a dotted key")
     try:
+        check_nesting(raw, Path("override"))
         value = yaml.safe_load(raw) if raw else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError, UsageError):
         value = raw
     return key.split("."), value
 
@@ -132,7 +173,7 @@ def validate_config(data: Any, source: str = "config", lines: dict[tuple, int] |
         method_data = {"name": method_data}
     if not isinstance(method_data, dict) or "name" not in method_data:
         problems.append(f"method{_line(lines, ('method',))}: required: a mapping with a 'name' (one of {', '.join(METHODS.names())})")
-    elif method_data["name"] not in METHODS:
+    elif not isinstance(method_data["name"], str) or method_data["name"] not in METHODS:
         name = str(method_data["name"])
         hint = closest(name, METHODS.names())
         problems.append(

@@ -6,7 +6,10 @@ import errno
 import json
 import os
 import tempfile
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
+from typing import Iterator
 
 from circuitctl.errors import UsageError
 
@@ -33,9 +36,48 @@ def storage_error(exc: BaseException, path: Path | str | None = None) -> UsageEr
     )
 
 
+_STAGE: ContextVar[tuple | None] = ContextVar("circuitctl_staged_writes", default=None)
+
+
+@contextmanager
+def staged_writes(directory: Path, unstaged: tuple[str, ...] = ("checkpoint",)) -> Iterator[None]:
+    """Inside the block, `write_atomic` into `directory` writes each file's data to its temporary
+    file and renames them all into place only when the block ends without an error: a run that
+    fails part-way through writing its results (a full disk) replaces none of an earlier run's
+    files. Subdirectories named in `unstaged` (checkpoints, which must commit as they go) are
+    written at once."""
+    pending: list[tuple[str, Path]] = []
+    token = _STAGE.set((Path(directory).resolve(), pending, unstaged))
+    try:
+        yield
+    except BaseException:
+        for tmp, _ in pending:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    else:
+        for tmp, path in pending:
+            os.replace(tmp, path)
+    finally:
+        _STAGE.reset(token)
+
+
+def _staged(path: Path) -> list | None:
+    """The pending list when `path` is to be staged, else None."""
+    stage = _STAGE.get()
+    if stage is None:
+        return None
+    directory, pending, unstaged = stage
+    try:
+        relative = path.resolve().relative_to(directory)
+    except ValueError:
+        return None
+    return None if relative.parts[:1] and relative.parts[0] in unstaged else pending
+
+
 def write_atomic(path: Path, data: str | bytes) -> None:
     """Write via a temporary file in the same directory and rename: readers never see half a file,
-    and a write that fails (a full disk) leaves the previous file as it was."""
+    and a write that fails (a full disk) leaves the previous file as it was. Inside
+    `staged_writes` the rename waits for the end of the block."""
     path = Path(path)
     tmp = None
     try:
@@ -44,7 +86,11 @@ def write_atomic(path: Path, data: str | bytes) -> None:
             handle.write(data if isinstance(data, bytes) else data.encode("utf-8"))
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        pending = _staged(path)
+        if pending is None:
+            os.replace(tmp, path)
+        else:
+            pending.append((tmp, path))
     except BaseException as exc:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)

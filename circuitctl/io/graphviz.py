@@ -88,7 +88,8 @@ def write_drawing(dot_path: Path, dot_source: str) -> tuple[Path | None, str]:
     svg_path = dot_path.with_suffix(".svg")
     if executable is None:
         return None, f"Graphviz 'dot' is not installed: wrote {dot_path.name} only (apt-get install graphviz, then dot -Tsvg {dot_path.name})"
-    result = subprocess.run([executable, "-Tsvg", str(dot_path)], capture_output=True, timeout=120)
+    # the source on stdin: inside `staged_writes` the .dot file is not in place yet
+    result = subprocess.run([executable, "-Tsvg"], input=dot_source.encode("utf-8"), capture_output=True, timeout=120)
     if result.returncode != 0:
         return None, f"dot failed ({result.stderr.decode(errors='replace').strip()[:200]}); wrote {dot_path.name} only"
     write_atomic(svg_path, result.stdout)

@@ -119,12 +119,16 @@ def read_pairs_jsonl(path: Path):
 
 
 def read_spec(path: Path) -> TaskSpec:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        from circuitctl.config.load import describe_yaml_error
+    from circuitctl.config.load import check_nesting, describe_yaml_error, read_text
 
+    text = read_text(path)
+    check_nesting(text, path)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
         raise UsageError(describe_yaml_error(path, exc)) from exc
+    except RecursionError:  # PyYAML recurses once per nesting level
+        raise UsageError(f"{path}: YAML nested too deeply to read") from None
     if not isinstance(data, dict):
         raise UsageError(f"{path}: a task spec must be a YAML mapping (name, pairs, ...)")
     try:
