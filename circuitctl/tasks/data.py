@@ -127,7 +127,7 @@ def _encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids of many texts: one batched call for HuggingFace tokenizers, else one call each."""
     if not texts:
         return []
-    if hasattr(tokenizer, "batch_encode_plus") and callable(tokenizer):
+    if callable(tokenizer):  # HuggingFace tokenizers: tokenizer(texts) encodes a batch at once
         return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     return [list(tokenizer.encode(text, add_special_tokens=False)) for text in texts]
 
@@ -144,21 +144,34 @@ def _chunks(pairs, size: int):
 
 
 class _Rows:
-    """Ragged rows of token ids kept flat (8 bytes an id, not a Python list per row)."""
+    """Rows of token ids kept as one padded int64 block per chunk of pairs: 8 bytes an id (plus a
+    chunk's padding), never a Python list per row for the whole task."""
 
-    def __init__(self) -> None:
-        self.flat = array("q")
-        self.counts = array("q")
+    def __init__(self, pad: int) -> None:
+        self.pad = pad
+        self.blocks: list[torch.Tensor] = []
+        self.pending: list[list[int]] = []
 
-    def add(self, row) -> None:
-        self.flat.extend(row)
-        self.counts.append(len(row))
+    def add(self, row: list[int]) -> None:
+        self.pending.append(row)
 
-    def padded(self, value: int, width: int | None = None) -> torch.Tensor:
-        counts = _tensor(self.counts)
-        width = int(counts.max()) if width is None and len(counts) else (width or 0)
-        out = torch.full((len(counts), width), value, dtype=torch.long)
-        out[torch.arange(width)[None, :] < counts[:, None]] = _tensor(self.flat)
+    def close_chunk(self) -> None:
+        if self.pending:
+            width = max(map(len, self.pending))
+            rows = [row + [self.pad] * (width - len(row)) for row in self.pending]
+            self.blocks.append(torch.tensor(rows, dtype=torch.long).reshape(len(rows), width))
+            self.pending = []
+
+    def padded(self) -> torch.Tensor:
+        """All rows, right-padded to the longest; the blocks are released as they are copied."""
+        self.close_chunk()
+        n, width = sum(b.shape[0] for b in self.blocks), max((b.shape[1] for b in self.blocks), default=0)
+        out = torch.full((n, width), self.pad, dtype=torch.long)
+        row = 0
+        while self.blocks:
+            block = self.blocks.pop(0)
+            out[row : row + block.shape[0], : block.shape[1]] = block
+            row += block.shape[0]
         return out
 
 
@@ -173,7 +186,8 @@ def tokenize_pairs(
     any iterable (a PairFile reads its file as it goes) and only token ids are kept."""
     from circuitctl.progress import bar
 
-    clean_rows, corrupt_rows, answer_rows, wrong_rows = _Rows(), _Rows(), _Rows(), _Rows()
+    clean_rows, corrupt_rows, answer_rows, wrong_rows = _Rows(pad_id), _Rows(pad_id), _Rows(-1), _Rows(-1)
+    lengths = array("q")
     positions: dict[str, array] = {}
     labels = None
     answer_ids: dict = {}  # answer text -> id (answers repeat: names, digits)
@@ -218,17 +232,20 @@ def tokenize_pairs(
                 corrupt_rows.add(corrupt)
                 answer_rows.add(answers)
                 wrong_rows.add(wrong)
+                lengths.append(len(clean))
                 for label, index in pos.items():
                     positions[label].append(index)
+            for rows in (clean_rows, corrupt_rows, answer_rows, wrong_rows):
+                rows.close_chunk()
             advance(len(chunk))
-    if not clean_rows.counts:
+    if not lengths:
         raise UsageError(f"{origin}: the task has no prompt pairs")
     return TaskData(
-        clean=clean_rows.padded(pad_id),
-        corrupt=corrupt_rows.padded(pad_id),
-        lengths=_tensor(clean_rows.counts),
-        answers=answer_rows.padded(-1),
-        wrong=wrong_rows.padded(-1),
+        clean=clean_rows.padded(),
+        corrupt=corrupt_rows.padded(),
+        lengths=_tensor(lengths),
+        answers=answer_rows.padded(),
+        wrong=wrong_rows.padded(),
         positions={label: _tensor(positions[label]) for label in sorted(labels or ())},
     )
 
