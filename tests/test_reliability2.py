@@ -282,21 +282,23 @@ def test_storage_errors_map_to_one_message():
     assert storage_error(ValueError("x")) is None
 
 
-def test_full_disk_while_writing_results(world, tmp_path, capsys):
+@pytest.mark.parametrize("into", ["the earlier run (--force)", pytest.param("a new directory", marks=pytest.mark.slow)])
+def test_full_disk_while_writing_results(world, tmp_path, capsys, into):
     """A file-size limit below circuit.json's size (about 4 kB): exit 2 naming circuit.json and
     'file too large'; an earlier run is untouched, even when the failing run was allowed to
     replace it (--force, another config: config.yaml fits under the limit but is not replaced
-    either: a run's files land together or not at all), and no partial file is left."""
+    either: a run's files land together or not at all); no partial file is left, and a failed
+    new run leaves no directory."""
     earlier = tmp_path / "earlier"
     assert cli(["discover", write_config(tmp_path, config_text(world["model"], world["task"], earlier), "a.yaml")], capsys)[0] == 0
     before = snapshot(earlier)
-    for target, force in [(tmp_path / "new", []), (earlier, ["--force"])]:
-        config = write_config(tmp_path, config_text(world["model"], world["task"], target, selection={"top_n": 1}), "b.yaml")
-        result = cli_process(["discover", config, *force], limit_bytes=2048)
-        one_error(result.returncode, result.stdout, result.stderr, f"{target / 'circuit.json'}: file too large")
-        assert snapshot(earlier) == before
-        assert sorted(p.name for p in earlier.iterdir()) == sorted(before)  # no temporary file, no lock left
-    assert not (tmp_path / "new").exists()  # a failed new run leaves no directory
+    target, force = (earlier, ["--force"]) if into.startswith("the earlier") else (tmp_path / "new", [])
+    config = write_config(tmp_path, config_text(world["model"], world["task"], target, selection={"top_n": 1}), "b.yaml")
+    result = cli_process(["discover", config, *force], limit_bytes=2048)
+    one_error(result.returncode, result.stdout, result.stderr, f"{target / 'circuit.json'}: file too large")
+    assert snapshot(earlier) == before
+    assert sorted(p.name for p in earlier.iterdir()) == sorted(before)  # no temporary file, no lock left
+    assert not (tmp_path / "new").exists()
 
 
 def _mounted_tmpfs(path: Path, size: str) -> bool:
