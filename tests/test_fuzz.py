@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 from hypothesis import HealthCheck, event, given, settings
+from helpers import planted_module
 from hypothesis import strategies as st
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -148,8 +149,7 @@ def deep(depth: int, kind: str) -> str:
 # ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
-    from circuitctl.models import planted
-
+    planted = planted_module()
     root = tmp_path_factory.mktemp("fuzz")
     model, task = planted.export(planted.build("copy_first"), root / "model", root / "task")
     pairs = [json.loads(line) for line in (task / "pairs.jsonl").read_text().splitlines()]

@@ -24,17 +24,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import planted_module
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (tests/conftest.py)
 
 MESSAGE = re.compile(r"^(error|Error|internal error):", re.MULTILINE)
-
-
-def planted_module():
-    """The planted ground-truth models (the one import of their module in this file)."""
-    from circuitctl.models import planted
-
-    return planted
 
 
 # ------------------------------------------------------------------------------------------
