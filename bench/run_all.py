@@ -52,8 +52,8 @@ def _data(model_name: str, layers: int | None, examples: int, length: int, seed:
     if model_name.startswith("planted:"):
         from dataclasses import replace
 
-        from circuitctl.models.planted import build
-        from circuitctl.models.planted import build_model as build_planted
+        from circuitctl.testing.planted import build
+        from circuitctl.testing.planted import build_model as build_planted
         from circuitctl.tasks.data import tokenize_pairs
         from circuitctl.tasks.records import pair_from_record
 
@@ -139,8 +139,8 @@ def inner(model_name: str, layers: int, method: str, examples: int, length: int,
             engine = context.engine(batch, keep_cache=True)
             forward_passes.append(2 * len(list(engine.states())) / max(1, -(-data.n // batch)))
         elif method == ACDC_START:  # what ACDC's incremental evaluator holds when its search starts
-            from circuitctl.models.nodes import NodeComputer
-            from circuitctl.patching.incremental import IncrementalSearch
+            from circuitctl.methods.acdc.nodes import NodeComputer
+            from circuitctl.methods.acdc.incremental import IncrementalSearch
 
             engine = context.engine(batch, keep_cache=True)
             IncrementalSearch(engine, NodeComputer(adapter)).current_value()

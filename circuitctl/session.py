@@ -11,7 +11,7 @@ from pathlib import Path
 
 from circuitctl.config.schema import RunConfig
 from circuitctl.errors import UsageError
-from circuitctl.paths import SHIPPED_TASKS, resolve_path
+from circuitctl.resources import SHIPPED_TASKS, resolve_path
 from circuitctl.tasks.records import TaskSource, read_task
 
 

@@ -60,3 +60,15 @@ def attn_only_model():
 
 def random_tokens(n: int, length: int, vocab: int, seed: int) -> torch.Tensor:
     return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+TIERS = ("unit", "ground_truth", "cli", "browser")  # tests/<tier>/: marked with the tier's name
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test with its tier (its directory): `-m unit`, `-m "not cli"`, ..."""
+    for item in items:
+        parts = item.path.parts
+        for tier in TIERS:
+            if tier in parts:
+                item.add_marker(getattr(pytest.mark, tier))

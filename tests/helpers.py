@@ -6,7 +6,7 @@ from circuitctl.config.schema import AblationConfig
 from circuitctl.methods.base import DiscoveryContext
 from circuitctl.metrics.metrics import METRICS
 from circuitctl.models.adapter import ModelAdapter
-from circuitctl.models.planted import build, build_model
+from circuitctl.testing.planted import build, build_model
 from circuitctl.tasks.data import tokenize_pairs
 from circuitctl.tasks.records import pair_from_record
 
@@ -33,6 +33,6 @@ def edge_auc(graph, scores, true_edges) -> float:
 
 def planted_module():
     """The planted ground-truth models' module (one import, for tests that export them)."""
-    from circuitctl.models import planted
+    from circuitctl.testing import planted
 
     return planted

@@ -12,13 +12,14 @@ from circuitctl.cli.app import app, err_console
 
 @app.command()
 def validate(
-    config: Path = typer.Argument(..., help="run config (YAML)"),
+    config: Path = typer.Argument(..., help="run config (YAML), or the name of a shipped config (e.g. demo)"),
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. method.name=eap"),
 ) -> None:
     """Check a config (a discovery run or a train-sae config): schema, names, files. Loads no model."""
-    from circuitctl.config.load import load_config, read_yaml
+    from circuitctl.config.load import find_config, load_config, read_yaml
     from circuitctl.session import check_model_source, read_task_source
 
+    config = find_config(config)
     data, _ = read_yaml(config)
     if isinstance(data, dict) and "sites" in data and "method" not in data:
         from circuitctl.sae.config import load_train_config

@@ -16,58 +16,26 @@ from pydantic import ValidationError
 from circuitctl.config.methods import METHODS
 from circuitctl.config.schema import ABLATION_TYPES, METRIC_NAMES, RunConfig
 from circuitctl.errors import UsageError
+from circuitctl.io.yaml_errors import check_nesting, describe_yaml_error, read_text
 from circuitctl.registry import closest
 
 _PLACEHOLDER_METHOD = {"name": "exact"}
 
 
-def describe_yaml_error(path: Path, exc: yaml.YAMLError) -> str:
-    """One line naming the file, the line and column, and the problem."""
-    mark = getattr(exc, "problem_mark", None)
-    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    if isinstance(exc, yaml.constructor.ConstructorError) and "tag" in problem:
-        # the safe loader constructs no !!python/... objects: configs are data, never code
-        tag = problem.split("tag", 1)[1].strip().strip("'").replace("tag:yaml.org,2002:", "!!")
-        return f"{path}{where}: YAML tag '{tag}' is not allowed; configs and task specs hold plain data only"
-    return f"{path}: malformed YAML{where}: {problem}"
+def find_config(path: Path) -> Path:
+    """A config file given by path, or a shipped config given by name (``demo``, ``mib/gpt2-ioi-eap-ig``)."""
+    path = Path(path)
+    if path.exists():
+        return path
+    from circuitctl.resources import shipped_config, shipped_config_names
 
-
-def read_text(path: Path) -> str:
-    """A config or task file's text (UTF-8), or one message saying why it cannot be read."""
-    try:
-        return path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"{path}: not UTF-8 text (byte {exc.start + 1})") from None
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-
-
-MAX_NESTING = 64  # configs and task specs nest a few levels; PyYAML's pure-Python parser is quadratic in depth
-
-
-def check_nesting(text: str, path: Path) -> None:
-    """Refuse YAML whose [ ] / { } nesting is deeper than MAX_NESTING before parsing it (deep
-    nesting makes PyYAML slow, then exhausts Python's recursion). Quoted text and comments are skipped."""
-    depth, quote, line = 0, None, 1
-    previous = "\n"
-    for ch in text:
-        if ch == "\n":
-            line += 1
-        if quote is not None:
-            if ch == quote and not (quote == '"' and previous == "\\"):
-                quote = None
-        elif ch == "#" and previous in " \t\n":
-            quote = "\n"  # a comment runs to the end of the line
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "[{":
-            depth += 1
-            if depth > MAX_NESTING:
-                raise UsageError(f"{path} line {line}: YAML nested more than {MAX_NESTING} levels deep")
-        elif ch in "]}":
-            depth = max(0, depth - 1)
-        previous = "" if previous == "\\" and ch == "\\" else ch
+    shipped = shipped_config(str(path))
+    if shipped is not None:
+        return shipped
+    hint = closest(str(path).removesuffix(".yaml"), shipped_config_names())
+    raise UsageError(
+        f"config file '{path}' does not exist" + (f"; did you mean the shipped config '{hint}'?" if hint else "")
+    )
 
 
 def read_yaml(path: Path) -> tuple[Any, dict[tuple, int]]:
@@ -209,7 +177,7 @@ def with_task_metric(config: RunConfig, config_dir: Path | None) -> RunConfig:
     if "metric" in config.model_fields_set:
         return config
     from circuitctl.config.schema import metric_names
-    from circuitctl.paths import SHIPPED_TASKS, resolve_path
+    from circuitctl.resources import SHIPPED_TASKS, resolve_path
     from circuitctl.registry import unknown_name_message
     from circuitctl.tasks.records import read_task_spec
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
 
 from circuitctl.config.methods import MethodSettings
 
@@ -93,6 +93,11 @@ class SelectionConfig(Section):
     fraction: Optional[float] = Field(None, gt=0, le=1)
     absolute: bool = Field(True, description="rank by |score| (else by signed score)")
     prune: bool = Field(True, description="drop edges with no path from input or to logits")
+    reselect: bool = Field(
+        False,
+        description="apply top_n / threshold / fraction also to methods that choose their own circuit "
+        "(acdc, path_patching, cdt, sfc): re-select their units by score",
+    )
 
     @model_validator(mode="after")
     def _at_most_one(self):
@@ -121,7 +126,7 @@ class ChecksConfig(Section):
 class RunConfig(Section):
     model: ModelConfig
     task: TaskConfig
-    method: MethodSettings
+    method: SerializeAsAny[MethodSettings]  # the settings class of the named method (METHODS)
     ablation: AblationConfig = AblationConfig()
     metric: str = Field(
         "logit_diff",
@@ -152,6 +157,22 @@ class RunConfig(Section):
             from circuitctl.registry import unknown_name_message
 
             raise ValueError(unknown_name_message("metric", value, names))
+        return value
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_settings(cls, value):
+        """Validate `method` with its own method's settings class, so that a dumped config
+        validates back to the same settings (`RunConfig.model_validate(config.to_plain())`)."""
+        if isinstance(value, MethodSettings):
+            return value
+        if isinstance(value, str):
+            value = {"name": value}
+        if isinstance(value, dict) and isinstance(value.get("name"), str):
+            from circuitctl.config.methods import METHODS
+
+            if value["name"] in METHODS:
+                return METHODS.get(value["name"]).settings.model_validate(value)
         return value
 
     @field_validator("ablation", mode="before")

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from circuitctl.errors import UsageError
 from circuitctl.graph import naming
+from circuitctl.io.yaml_errors import describe_yaml_error
 
 Prompt = Union[str, list[int]]
 Answer = Union[str, int]
@@ -115,11 +116,11 @@ def read_pairs_jsonl(path: Path):
     (`circuitctl.tasks.pair_file.PairFile`, a sequence of PromptPair)."""
     from circuitctl.tasks.pair_file import PairFile
 
-    return PairFile(path)
+    return PairFile(path, pair_from_record)
 
 
 def read_spec(path: Path) -> TaskSpec:
-    from circuitctl.config.load import check_nesting, describe_yaml_error, read_text
+    from circuitctl.io.yaml_errors import check_nesting, read_text
 
     text = read_text(path)
     check_nesting(text, path)

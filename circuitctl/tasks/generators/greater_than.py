@@ -10,7 +10,7 @@ the rest): prob_diff is the task's metric when the run config names none. The co
 from __future__ import annotations
 
 from circuitctl.errors import UsageError
-from circuitctl.tasks.generators import register_generator
+from circuitctl.tasks.generators.registry import register_generator
 from circuitctl.tasks.generators._common import (
     Tokenizer,
     encode,

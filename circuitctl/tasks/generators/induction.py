@@ -19,7 +19,7 @@ import random
 import re
 
 from circuitctl.errors import UsageError
-from circuitctl.tasks.generators import register_generator
+from circuitctl.tasks.generators.registry import register_generator
 from circuitctl.tasks.generators._common import Rejected, Tokenizer, encode, make_record, sample_records
 
 _WORD_TOKEN = re.compile(r" [A-Za-z]+")
