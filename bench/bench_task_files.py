@@ -82,7 +82,6 @@ def tokenize_before(pairs, tokenizer, d_vocab: int, bos):
 def inner(step: str, version: str, kind: str, path: str, subsample: int) -> dict:
     import torch  # noqa: F401  (imported before the baseline RSS is taken)
 
-    from circuitctl.paths import SHIPPED_TASKS
     from circuitctl.tasks import pair_file  # noqa: F401
     from circuitctl.tasks.data import task_pairs, tokenize_pairs
     from circuitctl.tasks.records import read_task
@@ -104,7 +103,7 @@ def inner(step: str, version: str, kind: str, path: str, subsample: int) -> dict
             tokenize_before(pairs, tokenizer, d_vocab, bos)
         n = len(pairs)
     else:
-        source = read_task(None, path, SHIPPED_TASKS)
+        source = read_task(None, path, Path('/nonexistent-shipped-tasks'))  # a file: no shipped task is looked up
         pairs = source.pairs
         if step == "subsample":
             pairs = task_pairs(source, tokenizer, subsample, 0, {})

@@ -605,7 +605,8 @@ def test_hostile_names_stay_inert_in_every_output(hostile_world, kind, capsys):
     record = json.loads((run / "circuit.json").read_text())
     assert record["task"]["name"] == HOSTILE  # JSON keeps the name exactly
     if kind.startswith("per_position"):
-        assert {"Süd", "主", "end"} <= set(record["positions"]["names"])
+        positions = (record.get("space") or record)["positions"]  # schema 2 keeps them in the space
+        assert {"Süd", "主", "end"} <= set(positions["names"])
         assert "@Süd" in (run / "circuit.dot").read_text(encoding="utf-8")
     svg = (run / "circuit.svg").read_text(encoding="utf-8")
     assert "<script" not in svg and "alert(1)" in svg  # the title is drawn as text
@@ -658,6 +659,7 @@ def test_escaping_functions():
 # 6. Huge task files
 # ------------------------------------------------------------------------------------------
 N_HUGE = 100_000
+NO_SHIPPED_TASKS = Path("/nonexistent-shipped-tasks")  # tasks here are files, or a generator (ioi)
 
 
 @pytest.fixture(scope="module")
@@ -691,7 +693,6 @@ def test_task_file_streams_with_bounded_memory(huge_task, n, tmp_path):
     (8 bytes an id). Python allocations measured with tracemalloc (10x slower: the 100,000-pair case
     is marked slow); torch's tensors are not Python allocations (bench/bench_task_files.py measures
     the whole process)."""
-    from circuitctl.paths import SHIPPED_TASKS
     from circuitctl.tasks.data import tokenize_pairs
     from circuitctl.tasks.records import read_task
 
@@ -701,10 +702,10 @@ def test_task_file_streams_with_bounded_memory(huge_task, n, tmp_path):
     size = path.stat().st_size
     small = tmp_path / "small.jsonl"
     small.write_text(path.read_text().split("\n", 1)[0] + "\n")
-    tokenize_pairs(read_task(None, small, SHIPPED_TASKS).pairs, None, 12, None, "warm-up")  # imports are not the data's
+    tokenize_pairs(read_task(None, small, NO_SHIPPED_TASKS).pairs, None, 12, None, "warm-up")  # imports are not the data's
     tracemalloc.start()
     try:
-        pairs = read_task(None, path, SHIPPED_TASKS).pairs
+        pairs = read_task(None, path, NO_SHIPPED_TASKS).pairs
         _, validation_peak = tracemalloc.get_traced_memory()
         tracemalloc.reset_peak()
         data = tokenize_pairs(pairs, None, 12, None, str(path))
@@ -725,14 +726,13 @@ def test_subsample_reads_only_its_pairs_and_matches_the_old_sample(huge_task, mo
     import random
 
     import circuitctl.tasks.pair_file as pair_file
-    from circuitctl.paths import SHIPPED_TASKS
     from circuitctl.tasks.data import task_pairs
     from circuitctl.tasks.records import pair_from_record, read_task
 
-    source = read_task(None, huge_task, SHIPPED_TASKS)
+    source = read_task(None, huge_task, NO_SHIPPED_TASKS)
     parsed = []
     original = pair_file._pair
-    monkeypatch.setattr(pair_file, "_pair", lambda raw, path, number: parsed.append(number) or original(raw, path, number))
+    monkeypatch.setattr(pair_file, "_pair", lambda raw, path, number, make: parsed.append(number) or original(raw, path, number, make))
     chosen = task_pairs(source, None, 100, seed=7, options={})
     assert len(parsed) == 100 and sorted(parsed) == sorted(p.line for p in chosen)
     lines = huge_task.read_text().splitlines()
@@ -740,7 +740,7 @@ def test_subsample_reads_only_its_pairs_and_matches_the_old_sample(huge_task, mo
     monkeypatch.undo()
     small = huge_task.parent / "small.jsonl"
     small.write_text("\n".join(lines[:2000]) + "\n")
-    new = task_pairs(read_task(None, small, SHIPPED_TASKS), None, 10, seed=7, options={})
+    new = task_pairs(read_task(None, small, NO_SHIPPED_TASKS), None, 10, seed=7, options={})
     assert [p.line for p in new] == [p.line for p in old] and [p.clean for p in new] == [p.clean for p in old]
 
 
@@ -748,12 +748,11 @@ def test_streaming_tokenization_equals_the_plain_one(gpt2_tokenizer_or_skip):
     """The chunked, batched tokenizer gives the ids of one `encode` call per prompt (shipped tasks)."""
     import torch
 
-    from circuitctl.paths import SHIPPED_TASKS
     from circuitctl.tasks.data import task_pairs, tokenize_pairs
     from circuitctl.tasks.records import read_task
 
     tokenizer = gpt2_tokenizer_or_skip
-    pairs = task_pairs(read_task("ioi", None, SHIPPED_TASKS), tokenizer, 40, seed=0, options={})
+    pairs = task_pairs(read_task("ioi", None, NO_SHIPPED_TASKS), tokenizer, 40, seed=0, options={})
     data = tokenize_pairs(pairs, tokenizer, 50257, 50256, "ioi")
     for i, pair in enumerate(pairs):
         ids = [50256] + tokenizer.encode(pair.clean, add_special_tokens=False)
@@ -780,10 +779,9 @@ def test_validation_shows_a_progress_bar(huge_task, monkeypatch):
     from rich.console import Console
 
     import circuitctl.progress as progress
-    from circuitctl.paths import SHIPPED_TASKS
     from circuitctl.tasks.records import read_task
 
     screen = io.StringIO()
     monkeypatch.setattr(progress, "console", Console(file=screen, force_terminal=True, width=100))
-    read_task(None, huge_task, SHIPPED_TASKS)
+    read_task(None, huge_task, NO_SHIPPED_TASKS)
     assert "checking pairs.jsonl" in screen.getvalue()

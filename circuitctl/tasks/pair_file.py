@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from array import array
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from circuitctl.errors import UsageError
 
@@ -36,18 +36,18 @@ def _record(raw: bytes, path: Path, number: int):
         raise UsageError(f"{path} line {number}: JSON nested too deeply for a prompt pair") from None
 
 
-def _pair(raw: bytes, path: Path, number: int):
-    from circuitctl.tasks.records import pair_from_record
-
+def _pair(raw: bytes, path: Path, number: int, make: Callable):
     record = _record(raw, path, number)
-    return None if record is None else pair_from_record(record, f"{path} line {number}", number)
+    return None if record is None else make(record, f"{path} line {number}", number)
 
 
 class PairFile(Sequence):
-    """The prompt pairs of a JSONL file (a read-only sequence of `PromptPair`)."""
+    """The prompt pairs of a JSONL file (a read-only sequence of `PromptPair`). `make(record,
+    where, line)` checks one JSON record and makes its pair (`records.pair_from_record`)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, make: Callable) -> None:
         self.path = Path(path)
+        self.make = make
         self._offsets = array("q")  # byte offset of each pair's line
         self._lines = array("q")  # 1-based line number of each pair
         self._scan()
@@ -61,7 +61,7 @@ class PairFile(Sequence):
         offset = reported = 0
         with open(self.path, "rb") as handle, bar(f"checking {self.path.name}", size) as advance:
             for number, raw in enumerate(handle, start=1):
-                if _pair(raw, self.path, number) is not None:
+                if _pair(raw, self.path, number, self.make) is not None:
                     self._offsets.append(offset)
                     self._lines.append(number)
                 offset += len(raw)
@@ -82,7 +82,7 @@ class PairFile(Sequence):
     def __iter__(self) -> Iterator:
         with open(self.path, "rb") as handle:
             for number, raw in enumerate(handle, start=1):
-                pair = _pair(raw, self.path, number)
+                pair = _pair(raw, self.path, number, self.make)
                 if pair is not None:
                     yield pair
 
@@ -93,9 +93,5 @@ class PairFile(Sequence):
         with open(self.path, "rb") as handle:
             for i in sorted(set(indices)):
                 handle.seek(self._offsets[i])
-                found[i] = _pair(handle.readline(), self.path, self._lines[i])
+                found[i] = _pair(handle.readline(), self.path, self._lines[i], self.make)
         return [found[i] for i in indices]
-
-
-def read_pairs_jsonl(path: Path) -> PairFile:
-    return PairFile(path)

@@ -115,7 +115,7 @@ def read_pairs_jsonl(path: Path):
     (`circuitctl.tasks.pair_file.PairFile`, a sequence of PromptPair)."""
     from circuitctl.tasks.pair_file import PairFile
 
-    return PairFile(path)
+    return PairFile(path, pair_from_record)
 
 
 def read_spec(path: Path) -> TaskSpec:
