@@ -175,7 +175,9 @@ def _discover_into(
     session.task_signal = check_task_signal(session, config)  # refuses a task without signal before the method runs
     timings["load"] = time.perf_counter() - started
     checkpoint = Checkpoint(run_dir, config_hash(config))
-    context = DiscoveryContext(session.adapter, session.data, session.metric, config.ablation, config.seed, run_dir, checkpoint, resume, config_dir)
+    context = DiscoveryContext(
+        session.adapter, session.data, session.metric, config.ablation, config.seed, run_dir, checkpoint, resume, config_dir, config.cache_gib
+    )
     t0 = time.perf_counter()
     result = run_method(context, config.method)
     timings["discovery"] = time.perf_counter() - t0
@@ -205,7 +207,7 @@ def finish(run_dir: Path, config: RunConfig, session, result, timings: dict[str,
         circuits.append(_Circuit(label, params, point.scores.float().cpu(), membership, chosen_by, point.forward_passes, point.extra))
 
     t0 = time.perf_counter()
-    evaluator = CircuitEvaluator(space, session.adapter, session.data, session.metric, config.ablation, config.method.batch_size)
+    evaluator = CircuitEvaluator(space, session.adapter, session.data, session.metric, config.ablation, config.method.batch_size, config.cache_gib)
     m_full, m_empty = evaluator.full_and_empty()
     import torch
 
@@ -235,6 +237,9 @@ def finish(run_dir: Path, config: RunConfig, session, result, timings: dict[str,
     rule_note = ignored_rule_note(config.selection, method) if any(p.membership is not None for p in points) else None
     from circuitctl.metrics.faithfulness import normalized_faithfulness, undefined_reason
 
+    page_files, page_notes = write_viewer_pages(run_dir, [circuit.label for circuit in circuits])
+    files += page_files
+    notes += page_notes
     first = circuits[0]
     return DiscoverySummary(
         run_dir=run_dir,
@@ -294,6 +299,22 @@ def write_circuit(out: Path, config: RunConfig, session, space, circuit: _Circui
     svg, note = write_drawing(out / "circuit.dot", space.dot(circuit.scores, circuit.membership, title))
     files += ["circuit.dot"] + (["circuit.svg"] if svg else [])
     return files, note
+
+
+def write_viewer_pages(run_dir: Path, labels: list[str | None]) -> tuple[list[str], list[str]]:
+    """circuit.html (the interactive viewer) beside every circuit written: run_dir, or each sweep
+    point's run_dir/<label>. Runs last, so the page shows every file written before it. Returns
+    (files written, notes); a viewer problem is a note, never a failed run."""
+    from circuitctl.viewer import refresh_viewer
+
+    files, notes = [], []
+    for label in labels:
+        page, problem = refresh_viewer(run_dir / label if label else run_dir)
+        if page is not None:
+            files.append(f"{label}/{page.name}" if label else page.name)
+        if problem:
+            notes.append(problem)
+    return files, notes
 
 
 def _sweep_row(circuit: _Circuit, space, m_full: float, m_empty: float) -> dict:

@@ -137,6 +137,12 @@ class RunConfig(Section):
     output: OutputConfig = OutputConfig()
     checks: ChecksConfig = ChecksConfig()
     seed: int = Field(0, ge=-(2**63), le=2**64 - 1, description="random seed (the range torch.manual_seed accepts)")
+    cache_gib: Optional[float] = Field(
+        None,
+        ge=0,
+        description="accelerator memory (GiB) for the batches that evaluation and ACDC keep between uses; beyond it "
+        "they wait on the host (or are recomputed); default: half the GPU's free memory, no limit on the CPU",
+    )
     max_batch_size: Optional[int] = Field(
         None,
         ge=1,

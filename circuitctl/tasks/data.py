@@ -159,14 +159,14 @@ class _Rows:
         if self.pending:
             width = max(map(len, self.pending))
             rows = [row + [self.pad] * (width - len(row)) for row in self.pending]
-            self.blocks.append(torch.tensor(rows, dtype=torch.long).reshape(len(rows), width))
+            self.blocks.append(torch.tensor(rows, dtype=torch.long, device="cpu").reshape(len(rows), width))
             self.pending = []
 
     def padded(self) -> torch.Tensor:
         """All rows, right-padded to the longest; the blocks are released as they are copied."""
         self.close_chunk()
         n, width = sum(b.shape[0] for b in self.blocks), max((b.shape[1] for b in self.blocks), default=0)
-        out = torch.full((n, width), self.pad, dtype=torch.long)
+        out = torch.full((n, width), self.pad, dtype=torch.long, device="cpu")
         row = 0
         while self.blocks:
             block = self.blocks.pop(0)
@@ -176,7 +176,7 @@ class _Rows:
 
 
 def _tensor(values: array) -> torch.Tensor:
-    return torch.frombuffer(values, dtype=torch.int64).clone() if len(values) else torch.zeros(0, dtype=torch.long)
+    return torch.frombuffer(values, dtype=torch.int64).clone() if len(values) else torch.zeros(0, dtype=torch.long, device="cpu")
 
 
 def tokenize_pairs(
