@@ -546,7 +546,8 @@ def test_hostile_position_label_is_refused_at_validation(world, tmp_path, label,
 
 
 def check_output_files(directory: Path) -> list[str]:
-    """Parse every file a run wrote: JSON strictly, DOT with Graphviz, SVG as XML with no script."""
+    """Parse every file a run wrote: JSON strictly, DOT with Graphviz, SVG as XML with no script,
+    HTML with the names only inside its escaped JSON data."""
     checked = []
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
         text = path.read_bytes().decode("utf-8") if path.suffix != ".png" else ""
@@ -563,6 +564,10 @@ def check_output_files(directory: Path) -> list[str]:
             for element in root.iter():
                 assert not element.tag.lower().endswith("script"), path
                 assert not any(k.lower().startswith("on") for k in element.attrib), path
+        elif path.suffix == ".html":  # a page of the run: names only inside escaped data, never as markup
+            assert "<script>alert(1)" not in text and "</title><script>" not in text, path
+            for data in re.findall(r'<script type="application/json"[^>]*>(.*?)</script>', text, re.S):
+                json.loads(data)
         elif path.suffix not in (".png",):
             pytest.fail(f"unexpected output file {path}")
         checked.append(path.name)
