@@ -20,7 +20,9 @@ import yaml
 from circuitctl.config.load import config_hash
 from circuitctl.config.schema import RunConfig
 from circuitctl.errors import UsageError
-from circuitctl.io.files import prepare_run_dir, remove_if_empty, write_atomic
+from circuitctl.io.files import prepare_run_dir, remove_if_empty, staged_writes, write_atomic
+from circuitctl.io.run_lock import RunLock
+from circuitctl.checks import check_task_signal
 from circuitctl.session import check_model_source, open_session, read_task_source
 
 
@@ -58,9 +60,11 @@ class _Circuit:
 
 
 def default_run_dir(config: RunConfig) -> Path:
+    from circuitctl.io.escape import path_component
+
     task = config.task.name or Path(config.task.path or "task").stem
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{task}-{config.method.name}-{stamp}"
+    return Path("runs") / path_component(f"{task}-{config.method.name}-{stamp}")  # a name, never a path
 
 
 def discover(config: RunConfig, config_dir: Path | None = None, force: bool = False, resume: Path | None = None) -> DiscoverySummary:
@@ -80,13 +84,15 @@ def discover(config: RunConfig, config_dir: Path | None = None, force: bool = Fa
     if resume is not None:
         if distributed.world_size() > 1:
             raise UsageError("--resume is not supported under torchrun; resume on one process")
-        return _discover_with_notes(check_resumable(resume, config), config, config_dir, timings, started, resume=True)
+        with RunLock(resume, "--resume"), staged_writes(resume):  # one process at a time; results land together
+            return _discover_with_notes(check_resumable(resume, config), config, config_dir, timings, started, resume=True)
     if distributed.world_size() > 1:
         return _discover_on_ranks(run_dir, config, config_dir, force, timings, started)
     existed = run_dir.exists()
-    run_dir = prepare_run_dir(run_dir, force)
     try:
-        return _discover_with_notes(run_dir, config, config_dir, timings, started)
+        with RunLock(run_dir, "output.dir"), staged_writes(run_dir):  # one process at a time; results land together
+            run_dir = prepare_run_dir(run_dir, force)
+            return _discover_with_notes(run_dir, config, config_dir, timings, started)
     except BaseException:
         if not existed:  # a failed run leaves no empty run directory behind
             remove_if_empty(run_dir)
@@ -166,6 +172,7 @@ def _discover_into(
     from circuitctl.methods.base import DiscoveryContext, run_method
 
     session = open_session(config, config_dir)
+    session.task_signal = check_task_signal(session, config)  # refuses a task without signal before the method runs
     timings["load"] = time.perf_counter() - started
     checkpoint = Checkpoint(run_dir, config_hash(config))
     context = DiscoveryContext(
@@ -398,6 +405,7 @@ def run_provenance(config: RunConfig, session, timings: dict[str, float], result
             "origin": session.task.origin,
             "n_pairs": session.data.n,
         },
+        "task_signal": session.task_signal,
         "method": config.method.model_dump(mode="json"),
         "metric": config.metric,
         "ablation": config.ablation.model_dump(mode="json"),

@@ -31,3 +31,10 @@ def edge_auc(graph, scores, true_edges) -> float:
 
     names = graph.edge_names()
     return roc_auc([abs(float(scores[graph.edge_index(e)])) for e in names], [e in true_edges for e in names])
+
+
+def planted_module():
+    """The planted ground-truth models' module (one import, for tests that export them)."""
+    from circuitctl.testing import planted
+
+    return planted
