@@ -101,7 +101,7 @@ def faithfulness_report(
     complement = mask & ~circuit
     sizes, percentages, signed_circuits, absolute_circuits, rule = curve_circuits(space, scores, curve_rule)
     keep = torch.cat([circuit[None], complement[None], signed_circuits, absolute_circuits])
-    rows = torch.zeros(keep.shape[0], evaluator.engine.data.n, dtype=torch.float64)  # every example's value
+    rows = torch.zeros(keep.shape[0], evaluator.engine.data.n, dtype=torch.float64, device="cpu")  # every example's value
     with bar(f"evaluating {space.unit} circuits", evaluator.n_batches) as advance:
         values = evaluator.circuit_values(keep, on_batch=advance, per_example=rows).tolist()
 

@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 
 from circuitctl.errors import UsageError
-from circuitctl.io import markdown
+from circuitctl.io.escape import markdown_text
 
 COMPARE_FILES = ("compare.json", "compare.md", "compare.png")
 UNITS_OF_KIND = {  # the entries of a circuit file that hold a kind's units
@@ -195,7 +195,8 @@ def pair(a: Run, b: Run) -> dict:
     scored = [n for n in a.units if a.score(n) is not None and b.score(n) is not None]
     rho = rho_abs = None
     if scored:
-        sa, sb = torch.tensor([a.score(n) for n in scored]), torch.tensor([b.score(n) for n in scored])
+        sa = torch.tensor([a.score(n) for n in scored], dtype=torch.float64, device="cpu")
+        sb = torch.tensor([b.score(n) for n in scored], dtype=torch.float64, device="cpu")
         rho, rho_abs = spearman(sa, sb), spearman(sa.abs(), sb.abs())
 
     def only(mine: Run, other: Run, names: set) -> list[dict]:
@@ -268,13 +269,14 @@ def _number(value, digits: int = 3) -> str:
 
 
 def render_markdown(record: dict) -> str:
+    """compare.md: every name (run labels, methods, units) escaped; numbers as formatted here."""
     unit = record["unit"]
-    lines = [f"# Comparison of {len(record['runs'])} runs ({record['kind']} circuits)", ""]
+    lines = [f"# Comparison of {len(record['runs'])} runs ({markdown_text(record['kind'])} circuits)", ""]
     lines.append(
-        markdown.table(
+        _table(
             ["run", "method", f"{unit} in circuit", "nodes", "f", "completeness", "CPR", "CMD"],
             [
-                [r["label"], r["method"] or "-", f"{r['n_in_circuit']} of {r['n_total']}", r["n_nodes_in_circuit"]]
+                [markdown_text(r["label"]), markdown_text(r["method"] or "-"), f"{r['n_in_circuit']} of {r['n_total']}", str(r["n_nodes_in_circuit"])]
                 + [_number(r[k]) if r["faithfulness_file"] else "n/a" for k in ("faithfulness", "completeness", "cpr", "cmd")]
                 for r in record["runs"]
             ],
@@ -282,11 +284,11 @@ def render_markdown(record: dict) -> str:
     )
     lines += ["", "f undefined is shown as 'undefined'; 'n/a': the run has no faithfulness report.", "", "## Pairs", ""]
     lines.append(
-        markdown.table(
-            ["a", "b", f"Jaccard ({unit})", "Jaccard (nodes)", "shared", "only a", "only b", "Spearman: scores / |scores|", f"{unit} scored by both"],
+        _table(
+            ["a", "b", f"Jaccard ({unit})", "Jaccard (nodes)", "shared", "only a", "only b", "Spearman: scores / \\|scores\\|", f"{unit} scored by both"],
             [
-                [p["a"], p["b"], f"{p['jaccard']:.3f}", f"{p['node_jaccard']:.3f}", p["n_shared"], p["n_only_a"], p["n_only_b"],
-                 f"{_rho(p['spearman'])} / {_rho(p['spearman_abs'])}", p["n_scored"]]
+                [markdown_text(p["a"]), markdown_text(p["b"]), f"{p['jaccard']:.3f}", f"{p['node_jaccard']:.3f}", str(p["n_shared"]),
+                 str(p["n_only_a"]), str(p["n_only_b"]), f"{_rho(p['spearman'])} / {_rho(p['spearman_abs'])}", str(p["n_scored"])]
                 for p in record["pairs"]
             ],
         )
@@ -296,21 +298,31 @@ def render_markdown(record: dict) -> str:
             rows = p[f"only_{side}"]
             if not rows:
                 continue
-            lines += ["", f"### {markdown.text(unit)} only {markdown.text(p[side])} has (vs {markdown.text(p[other])})", ""]
+            lines += ["", f"### {unit} only {markdown_text(p[side])} has (vs {markdown_text(p[other])})", ""]
             lines.append(
-                markdown.table(
-                    [unit, f"score in {p[side]}", f"score in {p[other]}"],
-                    [[r["unit"], _score(r[f"score_{side}"]), _score(r[f"score_{other}"])] for r in rows[:LISTED]],
+                _table(
+                    [unit, f"score in {markdown_text(p[side])}", f"score in {markdown_text(p[other])}"],
+                    [[markdown_text(r["unit"]), _score(r[f"score_{side}"]), _score(r[f"score_{other}"])] for r in rows[:LISTED]],
                 )
             )
             if len(rows) > LISTED:
                 lines += ["", f"... and {len(rows) - LISTED} more (compare.json lists them all)"]
     if len(record["runs"]) > 2 and record["unique"]:
         labels = [r["label"] for r in record["runs"]]
-        lines += ["", f"## {markdown.text(unit)} in exactly one run's circuit", ""]
-        lines.append(markdown.table([unit, "in", *[f"score in {label}" for label in labels]],
-                                    [[u["unit"], u["run"], *[_score(u["scores"][label]) for label in labels]] for u in record["unique"]]))
+        lines += ["", f"## {unit} in exactly one run's circuit", ""]
+        lines.append(
+            _table(
+                [unit, "in", *[f"score in {markdown_text(label)}" for label in labels]],
+                [[markdown_text(u["unit"]), markdown_text(u["run"]), *[_score(u["scores"][label]) for label in labels]] for u in record["unique"]],
+            )
+        )
     return "\n".join(lines) + "\n"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table of cells already escaped (names) or formatted (numbers)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
 def _rho(value) -> str:

@@ -86,7 +86,7 @@ def summary(
     }
     if bool(defined.any()):
         kept = f[defined]
-        levels = torch.tensor([q / 100 for q in QUANTILES], dtype=torch.float64)
+        levels = torch.tensor([q / 100 for q in QUANTILES], dtype=torch.float64, device="cpu")
         record["quantiles"] = {str(q): float(v) for q, v in zip(QUANTILES, torch.quantile(kept, levels))}
         record["mean"] = float(kept.mean())
     record["ranking"] = _ranking(ranking, ranking_criterion)
@@ -171,7 +171,9 @@ def ranking_values(evaluator, circuit: torch.Tensor, full: torch.Tensor, circuit
     from circuitctl.circuits.evaluator import CircuitEvaluator
     from circuitctl.metrics.metrics import METRICS
 
-    other = CircuitEvaluator(evaluator.space, engine.adapter, data, METRICS.get("logit_diff"), engine.ablation, engine.batch_size)
+    other = CircuitEvaluator(
+        evaluator.space, engine.adapter, data, METRICS.get("logit_diff"), engine.ablation, engine.batch_size, engine.cache_gib
+    )
     logit_full = other.engine.clean_values_per_example()
     logit_circuit = other.per_example_values(circuit[None])[0]
     return (logit_full, logit_circuit), f"logit_diff > 0 of the same circuit (metric {name} ranks no answer itself)"

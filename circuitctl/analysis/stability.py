@@ -166,7 +166,8 @@ def _context(config: RunConfig, config_dir, session, data, seed: int, checkpoint
     from circuitctl.methods.base import DiscoveryContext
 
     return DiscoveryContext(
-        session.adapter, data, session.metric, config.ablation, seed, None, checkpoint, resume, config_dir, per_example
+        session.adapter, data, session.metric, config.ablation, seed=seed, checkpoint=checkpoint, resume=resume,
+        config_dir=config_dir, cache_gib=config.cache_gib, per_example=per_example,
     )
 
 
@@ -226,7 +227,7 @@ def _from_contributions(full: _Full, indices: torch.Tensor, config: RunConfig) -
     shape = per.shape[1:]
     means = resampled_means(per.flatten(1).T, indices).float()  # [R, prod(shape)]
     scores = means.view(indices.shape[0], *shape)
-    membership = torch.zeros(scores.shape, dtype=torch.bool)
+    membership = torch.zeros(scores.shape, dtype=torch.bool, device="cpu")
     from circuitctl.progress import bar
 
     with bar("stability: selecting resampled circuits", scores.shape[0]) as advance:
@@ -244,7 +245,7 @@ def _reruns(config: RunConfig, config_dir, session, full: _Full, indices: torch.
     total = indices.shape[0] * n_seeds
     shape = tuple(full.space.mask.shape)
     if runs is None:
-        runs = _Runs(0, torch.zeros((total, *shape)), torch.zeros((total, *shape), dtype=torch.bool))
+        runs = _Runs(0, torch.zeros((total, *shape), device="cpu"), torch.zeros((total, *shape), dtype=torch.bool, device="cpu"))
     state = {"runs": runs}
 
     def snapshot() -> tuple[dict, dict]:
@@ -296,7 +297,7 @@ def _restore(checkpoint, total: int, session) -> tuple[_Full, _Runs]:
     done = int(state["done"])
     if state.get("total") != total or tuple(tensors["full_scores"].shape) != shape or tensors["scores"].shape[0] != done:
         raise UsageError(f"{checkpoint.dir}: the checkpoint does not fit this analysis; delete it to start over")
-    runs = _Runs(done, torch.zeros((total, *shape)), torch.zeros((total, *shape), dtype=torch.bool))
+    runs = _Runs(done, torch.zeros((total, *shape), device="cpu"), torch.zeros((total, *shape), dtype=torch.bool, device="cpu"))
     runs.scores[:done] = tensors["scores"]
     runs.membership[:done] = tensors["membership"].bool()
     full = _Full(None, space, tensors["full_scores"], tensors["full_membership"].bool(), state["chosen_by"])
@@ -320,13 +321,13 @@ def _record(config: RunConfig, session, full: _Full, runs: _Runs, n_resamples: i
     from circuitctl.report import report_provenance
 
     space = full.space
-    mask = space.mask
+    mask = space.mask.cpu()
     names = space.unit_names()
     scores = runs.scores[: runs.done][:, mask]  # [R, n_units]
     members = runs.membership[: runs.done][:, mask]
     full_scores, full_members = full.scores[mask], full.membership[mask]
     frequency = members.double().mean(0)  # float64: 18 of 20 is 0.9, the core threshold itself
-    ci = torch.quantile(scores.double(), torch.tensor([0.025, 0.975], dtype=torch.float64), dim=0)  # [2, n_units]
+    ci = torch.quantile(scores.double(), torch.tensor([0.025, 0.975], dtype=torch.float64, device="cpu"), dim=0)  # [2, n_units]
     score_mean = scores.double().mean(0)
 
     pairs = jaccard_matrix(members)
@@ -339,7 +340,7 @@ def _record(config: RunConfig, session, full: _Full, runs: _Runs, n_resamples: i
     order = sorted(range(len(names)), key=lambda i: (-float(frequency[i]), names[i]))
     core = [names[i] for i in order if float(frequency[i]) >= CORE_FREQUENCY]
     contingent = [names[i] for i in order if 0.0 < float(frequency[i]) < CORE_FREQUENCY]
-    core_membership = torch.zeros_like(mask)
+    core_membership = torch.zeros_like(mask, device="cpu")
     core_membership[mask] = frequency >= CORE_FREQUENCY
 
     units = {
@@ -402,7 +403,9 @@ def _core_faithfulness(config: RunConfig, session, full: _Full, core: torch.Tens
     from circuitctl.circuits.evaluator import CircuitEvaluator
     from circuitctl.metrics.faithfulness import normalized_faithfulness, undefined_reason
 
-    evaluator = CircuitEvaluator(full.space, session.adapter, session.data, session.metric, config.ablation, config.method.batch_size)
+    evaluator = CircuitEvaluator(
+        full.space, session.adapter, session.data, session.metric, config.ablation, config.method.batch_size, config.cache_gib
+    )
     m_full, m_empty = evaluator.full_and_empty()
     m_core, m_circuit = evaluator.circuit_values(torch.stack([core, full.membership])).tolist()
     return {

@@ -15,9 +15,11 @@ from circuitctl.patching.engine import BatchState, PatchingEngine
 
 
 class CircuitEvaluator:
-    def __init__(self, space, adapter, data, metric, ablation, batch_size: int) -> None:
+    def __init__(self, space, adapter, data, metric, ablation, batch_size: int, cache_gib: float | None = None) -> None:
         self.space = space
-        self.engine = PatchingEngine(adapter, data, metric, ablation, batch_size, keep_cache=True, node_ablation=space.needs_node_ablation)
+        self.engine = PatchingEngine(
+            adapter, data, metric, ablation, batch_size, keep_cache=True, node_ablation=space.needs_node_ablation, cache_gib=cache_gib
+        )
         self.patcher = space.patcher(self.engine)
 
     @property
@@ -41,16 +43,16 @@ class CircuitEvaluator:
 
     def per_example_values(self, keep: torch.Tensor, on_batch: Callable[[], None] | None = None) -> torch.Tensor:
         """The metric of K circuits on every example: float64 [K, N] (N = data.n, in data's order)."""
-        values = torch.zeros(keep.shape[0], self.engine.data.n, dtype=torch.float64)
+        values = torch.zeros(keep.shape[0], self.engine.data.n, dtype=torch.float64, device="cpu")
         self.circuit_values(keep, on_batch, values)
         return values
 
     def full_and_empty_per_example(self) -> torch.Tensor:
         """m(M) and m(empty) on every example: float64 [2, N]."""
-        empty = torch.zeros((1, *self.space.mask.shape), dtype=torch.bool)
+        empty = torch.zeros((1, *self.space.mask.shape), dtype=torch.bool, device="cpu")
         return torch.cat([self.engine.clean_values_per_example()[None], self.per_example_values(empty)])
 
     def full_and_empty(self) -> tuple[float, float]:
         """m(M) (nothing ablated) and m(empty) (every unit ablated)."""
-        empty = torch.zeros((1, *self.space.mask.shape), dtype=torch.bool)
+        empty = torch.zeros((1, *self.space.mask.shape), dtype=torch.bool, device="cpu")
         return self.engine.clean_value(), float(self.circuit_values(empty)[0])

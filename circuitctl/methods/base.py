@@ -37,6 +37,7 @@ class DiscoveryContext:
     checkpoint: Checkpoint | None = None  # where long methods save resumable progress (None: no saving)
     resume: bool = False  # continue from `checkpoint` instead of starting over
     config_dir: Path | None = None  # where the config's relative paths (e.g. SAE directories) are read from
+    cache_gib: float | None = None  # device budget of the engines' batch caches (`circuitctl.patching.cache`)
     # ask for each example's score contributions (`DiscoveryResult.per_example`), where the method's
     # scores are means over examples (EAP, EAP-IG): bootstrap resamples then need no reruns
     per_example: bool = False
@@ -46,7 +47,7 @@ class DiscoveryContext:
         return self.adapter.graph
 
     def engine(self, batch_size: int, keep_cache: bool = False) -> PatchingEngine:
-        return PatchingEngine(self.adapter, self.data, self.metric, self.ablation, batch_size, keep_cache)
+        return PatchingEngine(self.adapter, self.data, self.metric, self.ablation, batch_size, keep_cache, cache_gib=self.cache_gib)
 
 
 @dataclass

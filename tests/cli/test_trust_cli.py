@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from circuitctl.cli.app import main
+from circuitctl.io.escape import markdown_text
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "golden" / "v1"
@@ -72,24 +73,40 @@ def test_kl_ranks_the_answer_by_the_logit_difference_of_the_same_circuit(tmp_pat
     assert counts["kl"] == counts["logit_diff"]
 
 
-def test_an_undefined_f_is_never_a_number(tmp_path, capsys):
-    """Every answer is its own wrong answer: the logit difference is 0 whatever is ablated, so f,
-    every per-example f and every interval are undefined (null, printed 'undefined', never 0)."""
-    run = golden("acdc", tmp_path)
-    pairs = tmp_path / "same.jsonl"
-    lines = (ROOT / "tasks" / "planted-layernorm-mlp" / "pairs.jsonl").read_text().splitlines()
-    pairs.write_text("".join(json.dumps({**json.loads(line), "wrong_answers": json.loads(line)["answers"]}) + "\n" for line in lines))
-    code, out = cli(["evaluate", "faithfulness", run, "task.name=null", f"task.path={pairs}", "--out", tmp_path / "report"], capsys)
-    assert code == 0, out
-    report = json.loads((tmp_path / "report" / "faithfulness.json").read_text())
-    assert report["metric_full"] == report["metric_empty"] == 0.0
-    assert report["faithfulness"] is None and report["completeness"] is None
-    per = report["per_example"]
-    assert per["n_undefined"] == len(lines) and per["quantiles"] is None and per["worst"] == []
-    assert per["ranking"]["n_model_right"] == 0 and per["ranking"]["fraction"] is None
-    assert report["confidence"]["faithfulness"] is None and report["confidence"]["cpr"] is None
-    row = out.split("faithfulness f(C)")[1].splitlines()[0]
+def test_an_undefined_f_is_never_a_number(tmp_path):
+    """A metric that no ablation moves (constant 0): m(full) = m(empty) exactly, so f, every
+    per-example f and every interval are undefined: null in the report, 'undefined' in the table."""
+    import torch
+    from helpers import planted_context
+    from rich.console import Console
+
+    from circuitctl.circuits.edges import EdgeSpace
+    from circuitctl.circuits.evaluator import CircuitEvaluator
+    from circuitctl.cli.evaluate import per_example_rows, report_table
+    from circuitctl.config.load import load_config
+    from circuitctl.metrics.metrics import Metric
+    from circuitctl.report import faithfulness_report
+
+    _, context = planted_context("layernorm_mlp", n_pairs=8)
+    flat = Metric("flat", lambda logits, batch, reference=None: torch.zeros(logits.shape[0], device=logits.device), -1.0, False, "0")
+    space = EdgeSpace(context.graph)
+    evaluator = CircuitEvaluator(space, context.adapter, context.data, flat, context.ablation, 4)
+    scores = torch.rand(space.mask.shape, generator=torch.Generator().manual_seed(0)) * space.mask
+    circuit = scores > 0.5
+    config = load_config(ROOT / PLANTED[0], PLANTED[1:])
+    report = faithfulness_report(tmp_path / "circuit.json", config, evaluator, scores, circuit, n_resamples=50)
+    assert report.metric_full == report.metric_empty == 0.0
+    assert report.faithfulness is None and report.completeness is None and report.cpr is None
+    per = report.per_example
+    assert per["n_undefined"] == 8 and per["quantiles"] is None and per["worst"] == []
+    assert "metric flat ranks no answer" in per["ranking"]["criterion"]  # the ranking falls back on logit_diff
+    assert report.confidence["faithfulness"] is None and report.confidence["cpr"] is None
+    console = Console(record=True, width=200)
+    console.print(report_table(report, []))
+    text = console.export_text()
+    row = text.split("faithfulness f(C)")[1].splitlines()[0]
     assert "undefined" in row and "0.0" not in row
+    assert ("95 % CI (50 resamples): f / completeness", "n/a / n/a") in per_example_rows(report)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,7 +282,7 @@ def test_compare_lists_units_only_one_run_has_with_the_others_scores(tmp_path, c
     assert pair["n_only_a"] == 1 and pair["n_only_b"] == 0 and pair["jaccard"] == pytest.approx(38 / 39)
     assert pair["only_a"] == [{"unit": first, "score_a": record["edges"][first]["score"], "score_b": record["edges"][first]["score"]}]
     markdown = (tmp_path / "cmp" / "compare.md").read_text()
-    assert first.replace(">", "&gt;").replace("<", "&lt;") in markdown  # edge names as text: a0.h0-&gt;a1.h0&lt;v&gt;
+    assert markdown_text(first) in markdown and "&gt;" in markdown_text(first)  # edge names as text: a0\.h0\-&gt;...
     assert "<" not in markdown and ">" not in markdown
 
 

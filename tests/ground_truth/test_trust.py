@@ -258,3 +258,24 @@ def test_two_torchrun_ranks_give_every_example_like_one_process(tmp_path):
         ranked = json.loads((tmp_path / f"rank{rank}.json").read_text())
         for key, expected in single.items():
             assert torch.allclose(torch.tensor(ranked[key]), torch.tensor(expected), atol=1e-5), (rank, key)
+
+
+def test_the_per_example_paths_place_their_tensors():
+    """As tests/ground_truth/test_device_placement.py: tensors created without a device are meta
+    here, so a forgotten `device=` fails as it would on a GPU."""
+    from test_device_placement import tensors_without_a_device_are_meta
+
+    from circuitctl.config.load import load_config
+    from circuitctl.report import faithfulness_report
+
+    _, context = planted_context("layernorm_mlp", n_pairs=6)
+    space = space_of("edge", context)
+    config = load_config(ROOT / "configs" / "planted-layernorm-mlp-eap.yaml", ["model.device=cpu"])
+    scores, circuit = eap.discover(context, EapSettings()).scores, circuits(space, 1)[0]
+    with tensors_without_a_device_are_meta():
+        for module, settings in SETTINGS.values():
+            result = module.discover(replace(context, per_example=True), settings)
+            assert result.per_example.device.type == "cpu"
+        evaluator = CircuitEvaluator(space, context.adapter, context.data, context.metric, context.ablation, 4)
+        report = faithfulness_report(Path("circuit.json"), config, evaluator, scores, circuit, n_resamples=20)
+    assert report.per_example["quantiles"] is not None and report.confidence["faithfulness"] is not None

@@ -1,5 +1,5 @@
 """Pure functions behind per-example faithfulness, stability and compare: ranks and Spearman's
-correlation, bootstrap means and intervals, Jaccard, per-example f and markdown escaping,
+correlation, bootstrap means and intervals, Jaccard and per-example f,
 each against a plain reference written here."""
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from circuitctl.analysis.bootstrap import percentile_interval, resample_indices,
 from circuitctl.analysis.compare import jaccard
 from circuitctl.analysis.per_example import ExampleValues, confidence_intervals, example_faithfulness, summary
 from circuitctl.analysis.stability import jaccard_matrix
-from circuitctl.io import markdown
 from circuitctl.metrics.faithfulness import average_ranks, cpr_cmd, normalized_faithfulness, spearman
 
 
@@ -147,15 +146,6 @@ def test_bootstrap_intervals_are_undefined_when_f_is():
     assert record["faithfulness"] is None and record["cpr"] is None  # never an interval around 0
     per = summary(v, None, "no ranking", lambda i: {})
     assert per["n_undefined"] == 3 and per["quantiles"] is None and per["worst"] == []
-
-
-def test_markdown_text_shows_names_as_text():
-    assert markdown.text("a0.h0->a1.h0<k>") == "a0.h0-&gt;a1.h0&lt;k&gt;"
-    cell = markdown.text("x | <script>alert(1)</script> *y* [z](http://e)\nsecond")
-    assert "<" not in cell and "|" not in cell.replace("\\|", "") and "\n" not in cell
-    assert "\\*y\\*" in cell and "\\[z\\]" in cell
-    table = markdown.table(["edge", "score"], [["m0->logits", 1.5]])
-    assert table.splitlines()[2] == "| m0-&gt;logits | 1.5 |"
 
 
 def test_task_data_take_picks_examples_with_repeats():
