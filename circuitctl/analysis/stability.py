@@ -92,6 +92,7 @@ def stability(
         refuse_overwrite(targets, force)
         if checkpoint.exists and not force:
             raise UsageError(f"'{out_dir}' holds an interrupted stability run; continue it with --resume (or pass --force to start over)")
+        checkpoint.clear()  # --force: start over
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out: '{out_dir}' exists and is not a directory")
     existed = out_dir.exists()
@@ -121,11 +122,13 @@ def _checkpoint(out_dir: Path, config: RunConfig, n_resamples: int, n_seeds: int
 def _analyse(
     config: RunConfig, config_dir, checkpoint, n_resamples: int, n_seeds: int, resume: bool, rerun: bool, notes: list[str]
 ) -> tuple[dict, bytes]:
+    from circuitctl.checks import check_task_signal
     from circuitctl.config.methods import METHODS
     from circuitctl.session import open_session
 
     started = time.perf_counter()
     session = open_session(config, config_dir)
+    check_task_signal(session, config)  # as discover: a task without signal is refused before any run
     if n_seeds > 1 and not METHODS.get(config.method.name).stochastic:
         notes.append(f"method {config.method.name} does not depend on the seed: --seeds {n_seeds} ignored, one run per resample")
         n_seeds = 1
