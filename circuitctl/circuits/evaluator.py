@@ -36,6 +36,11 @@ class CircuitEvaluator:
         keep = keep & self.space.mask.to(keep.device)
         return self.engine.values(self.patcher.logits, keep, self.space.circuits_per_pass, on_batch, self._prepare)
 
+    def per_example_values(self, keep: torch.Tensor) -> torch.Tensor:
+        """Per-example metric [K, N] (float64, the dataset's order) of K circuits given as kept-unit masks."""
+        keep = keep & self.space.mask.to(keep.device)
+        return self.engine.per_example_values(self.patcher.logits, keep, self.space.circuits_per_pass, self._prepare)
+
     def full_and_empty(self) -> tuple[float, float]:
         """m(M) (nothing ablated) and m(empty) (every unit ablated)."""
         empty = torch.zeros((1, *self.space.mask.shape), dtype=torch.bool)

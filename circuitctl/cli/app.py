@@ -46,7 +46,7 @@ def _global_options(
 def _register() -> None:
     # Importing a command module registers it; none of them imports torch at import time.
     from circuitctl.cli import discover, doctor, evaluate, info, validate  # noqa: F401
-    from circuitctl.cli import train_sae  # noqa: F401
+    from circuitctl.cli import intervene, train_sae  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> None:

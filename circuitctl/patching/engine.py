@@ -205,6 +205,29 @@ class PatchingEngine:
                 on_batch()
         return distributed.all_reduce_sum(totals) / self.data.n
 
+    def per_example_values(
+        self,
+        logits_of: Callable[[BatchState, torch.Tensor], torch.Tensor],
+        masks: torch.Tensor,
+        chunk: int = 8,
+        prepare: Callable[[BatchState], BatchState] | None = None,
+    ) -> torch.Tensor:
+        """Per-example metric [K, N] (float64) of K patched runs described by `masks` [K, ...],
+        for every example of the dataset in its order (as `values`, without the mean): each rank
+        fills its `distributed.shard_range` share of a zero tensor, then the ranks all-reduce it."""
+        K = masks.shape[0]
+        per_example = torch.zeros(K, self.data.n, dtype=torch.float64)
+        offset, _ = distributed.shard_range(self.data.n)
+        for state in self.local_states():
+            if prepare is not None:
+                state = prepare(state)
+            for lo in range(0, K, chunk):
+                part = masks[lo : lo + chunk].to(self.adapter.device)
+                values = self.patched_values(state, lambda piece: logits_of(piece, part))
+                per_example[lo : lo + chunk, offset : offset + state.n] = values.double().cpu()
+            offset += state.n
+        return distributed.all_reduce_sum(per_example)
+
     # -- edge patching (exact patching, ACDC) ---------------------------------------------------
     def edge_logits(self, piece: BatchState, ablated: torch.Tensor) -> torch.Tensor:
         """Logits [K, b, vocab] of one piece with each of K ablated-edge masks [K, U, V] applied."""
