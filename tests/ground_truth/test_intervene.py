@@ -30,6 +30,7 @@ from circuitctl.models.adapter import ModelAdapter
 from circuitctl.patching.engine import PatchingEngine
 from circuitctl.tasks.data import tokenize_pairs
 from circuitctl.tasks.records import pair_from_record
+from helpers import second_token_records
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LOGIT_DIFF = METRICS.get("logit_diff")
@@ -46,22 +47,6 @@ def planted(name: str):
 def task_data(records: list[dict], adapter, origin: str = "test"):
     pairs = [pair_from_record(r, f"{origin} pair {i}") for i, r in enumerate(records)]
     return tokenize_pairs(pairs, None, adapter.d_vocab, None, origin)
-
-
-def second_token_records(n: int = 16, vocab: int = 12, length: int = 6, seed: int = 7, spurious: bool = False) -> list[dict]:
-    """copy_first's second task: the answer is the token at position 1 (a0.h1 copies it, gain 2).
-    With `spurious`, clean and corrupt differ at positions 0 and 1: the answer is the first token
-    (a0.h0) and the spurious answer the second (a0.h1)."""
-    rng = random.Random(seed)
-    records = []
-    for _ in range(n):
-        a, b, x, y, *rest = rng.sample(range(vocab), 4 + length - 2)
-        if spurious:
-            records.append({"clean": [a, x, *rest], "corrupt": [b, y, *rest], "answers": [a], "wrong_answers": [b],
-                            "spurious_answers": [x], "spurious_wrong_answers": [y]})
-        else:
-            records.append({"clean": [a, x, *rest], "corrupt": [a, y, *rest], "answers": [x], "wrong_answers": [y]})
-    return records
 
 
 def effect(space, keep, adapter, data, ablation="resample", metric=LOGIT_DIFF):
