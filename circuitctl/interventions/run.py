@@ -117,9 +117,9 @@ def _spec_kind(spec: AblationSpec) -> str:
     if spec.run is None:
         return spec.kind or "node"
     if spec.group is not None:
-        from circuitctl.interventions.units import _one_kind, group_members
+        from circuitctl.interventions.units import one_kind, group_members
 
-        return _one_kind(group_members(spec.run_dir, spec.group), f"group '{spec.group}'")
+        return one_kind(group_members(spec.run_dir, spec.group), f"group '{spec.group}'")
     from circuitctl.circuits.record import load_circuit_file
 
     return load_circuit_file(spec.run).kind
@@ -146,7 +146,8 @@ def _refuse_unbakeable(kind: str, ablation, what: str) -> None:
 
 def _compute(spec, mode, primary: _Task, extra: list[_Task], text, export, config_dir):
     from circuitctl.interventions.measure import measure
-    from circuitctl.interventions.units import names_of, resolve
+    from circuitctl.interventions.masks import names_of
+    from circuitctl.interventions.units import resolve
     from circuitctl.session import open_session
 
     config = primary.config
@@ -272,7 +273,7 @@ def _changes_for(space, ablated, session, batch_size: int, ablation: AblationCon
 def _export_job(path: Path, space, ablated, session, batch_size: int, spec, mode: str, config_dir: Path | None):
     """Compute the edit now (so that an edit that cannot be baked stops before anything is
     written); return the function that writes the checkpoint."""
-    from circuitctl.interventions.units import names_of
+    from circuitctl.interventions.masks import names_of
     from circuitctl.interventions.weights import export_checkpoint
     from circuitctl.resources import resolve_path
 

@@ -57,13 +57,12 @@ def has_spurious_answers(pairs) -> bool:
 def candidates(space, scores: torch.Tensor, membership: torch.Tensor) -> list[int]:
     """Flat indices of the units to rank: the run's circuit (features: no error nodes), strongest
     |score| first, at most MAX_CANDIDATES."""
-    member = (membership & space.mask).flatten()
+    from circuitctl.interventions.masks import error_nodes
+
+    member = (membership & space.mask & ~error_nodes(space)).flatten()
     flat_scores = scores.flatten().abs().float()
     order = torch.sort(torch.where(member, flat_scores, torch.tensor(-1.0)), descending=True, stable=True).indices
-    chosen = [int(i) for i in order[: int(member.sum())].tolist()]
-    if space.kind == "feature":
-        chosen = [i for i in chosen if not space.name_of(i).split("@")[0].endswith("/err")]
-    return chosen[:MAX_CANDIDATES]
+    return [int(i) for i in order[: min(int(member.sum()), MAX_CANDIDATES)].tolist()]
 
 
 def spurious_importance(space, indices: list[int], session, batch_size: int) -> dict[int, float]:
@@ -86,7 +85,7 @@ def spurious_importance(space, indices: list[int], session, batch_size: int) -> 
 
 def rank_by_spurious(space, scores, membership, top: int, session, batch_size: int) -> tuple[torch.Tensor, dict, str]:
     """(selected mask, details for intervention.json, the rule in words) of ``top=N:by=spurious``."""
-    from circuitctl.interventions.units import names_at
+    from circuitctl.interventions.masks import names_at
 
     pool = candidates(space, scores, membership)
     if not pool:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from circuitctl.errors import UsageError
+from circuitctl.interventions.masks import error_nodes, mask_of, names_of
 from circuitctl.interventions.spec import AblationSpec, unit_kind
 
 EXPLANATION_FILE = "explanation.json"
@@ -33,23 +34,6 @@ class Selection:
 
     def names(self) -> list[str]:
         return names_of(self.space, self.selected)
-
-
-def names_of(space, membership: torch.Tensor) -> list[str]:
-    """The names of the units in `membership`, in the space's order."""
-    if hasattr(space, "name_of"):  # feature spaces: names computed per index (there may be very many units)
-        return [space.name_of(int(i)) for i in membership.flatten().nonzero().flatten().tolist()]
-    chosen = membership[space.mask]
-    return [name for name, keep in zip(space.unit_names(), chosen.tolist()) if keep]
-
-
-def names_at(space, flat_indices: list[int]) -> list[str]:
-    """The names of the units at these indices of the flattened mask."""
-    if hasattr(space, "name_of"):
-        return [space.name_of(int(i)) for i in flat_indices]
-    names = space.unit_names()
-    position = {int(flat): k for k, flat in enumerate(space.mask.flatten().nonzero().flatten().tolist())}
-    return [names[position[int(i)]] for i in flat_indices]
 
 
 def resolve(spec: AblationSpec, session, config_dir: Path | None, batch_size: int) -> Selection:
@@ -73,7 +57,7 @@ def _from_run(spec: AblationSpec, session, config_dir: Path | None, batch_size: 
     run = spec.run_dir
     if spec.group is not None:
         names = group_members(run, spec.group)
-        kind = _one_kind(names, f"{run / EXPLANATION_FILE} group '{spec.group}'")
+        kind = one_kind(names, f"{run / EXPLANATION_FILE} group '{spec.group}'")
         if kind != _names_kind(space):
             space = names_space(kind, names, session, config_dir, run_space=space)
         return Selection(space, mask_of(space, names, f"group '{spec.group}'"), f"group '{spec.group}' of {run / EXPLANATION_FILE}")
@@ -83,9 +67,11 @@ def _from_run(spec: AblationSpec, session, config_dir: Path | None, batch_size: 
         selected, details, rule = rank_by_spurious(space, scores, membership, spec.top, session, batch_size)
         return Selection(space, selected, rule, details)
     if spec.top is not None:
-        n = min(spec.top, int(space.mask.sum()))
-        selected = top_edges(scores.float(), space.mask, n, absolute=True)
-        return Selection(space, selected, f"the top {n} {space.unit} of {loaded.origin} by |score|")
+        rankable = space.mask & ~error_nodes(space)
+        n = min(spec.top, int(rankable.sum()))
+        selected = top_edges(scores.float(), rankable, n, absolute=True)
+        what = "features (error nodes left out)" if space.kind == "feature" else space.unit
+        return Selection(space, selected, f"the top {n} {what} of {loaded.origin} by |score|")
     if not bool(membership.any()):
         raise UsageError(f"{loaded.origin}: the circuit is empty; name its top units instead ({spec.text}:top=N)")
     return Selection(space, membership & space.mask, f"the circuit of {loaded.origin} ({int(membership.sum())} {space.unit})")
@@ -113,7 +99,7 @@ def group_members(run: Path, group: str) -> list[str]:
     raise UsageError(f"{path}: no group '{group}' (groups: {', '.join(ids) or 'none'})")
 
 
-def _one_kind(names: list[str], where: str) -> str:
+def one_kind(names: list[str], where: str) -> str:
     kinds = {unit_kind(name) for name in names}
     if None in kinds:
         bad = next(name for name in names if unit_kind(name) is None)
@@ -160,34 +146,3 @@ def config_feature_space(session, config_dir: Path | None):
     adapter = session.adapter
     found = resolve_saes(saes, config_dir, adapter.model, adapter.device)
     return FeatureSpace({s: sae for s, (sae, _) in found.items()}, {s.name: src for s, (_, src) in found.items()}, None)
-
-
-def mask_of(space, names, where: str) -> torch.Tensor:
-    """Bool mask (shaped like space.mask) of the named units; UsageError naming one this model lacks."""
-    selected = torch.zeros_like(space.mask, dtype=torch.bool)
-    for name in names:
-        try:
-            index = unit_index(space, name)
-        except (KeyError, ValueError, IndexError) as exc:
-            reason = exc.args[0] if isinstance(exc, KeyError) and exc.args and exc.args[0] != name else f"this model has no {space.unit.removesuffix('s')} '{name}'"
-            raise UsageError(f"{where}: '{name}': {reason}") from exc
-        selected[index] = True
-    return selected & space.mask
-
-
-def unit_index(space, name: str):
-    """The index of unit `name` in a node, neuron, edge or feature space's mask."""
-    from circuitctl.graph import naming
-
-    if space.kind == "node":
-        return space.graph.upstream_index[name]
-    if space.kind == "neuron":
-        layer, i = naming.parse_neuron(name)
-        if layer >= space.graph.spec.n_layers or i >= space.d_mlp:
-            raise IndexError(name)
-        return layer, i
-    if space.kind == "edge":
-        return space.graph.edge_index(name)
-    if space.kind == "feature":
-        return space.index_of(name)
-    raise KeyError(f"units of a {space.kind} circuit can only be named through their run directory")

@@ -23,7 +23,7 @@ from circuitctl.circuits.neurons import NeuronSpace
 from circuitctl.circuits.nodes import NodeSpace
 from circuitctl.config.schema import AblationConfig
 from circuitctl.interventions.measure import TOP1_MARGIN, measure
-from circuitctl.interventions.units import mask_of
+from circuitctl.interventions.masks import mask_of
 from circuitctl.interventions.weights import ablation_means, bake_refusal, weight_changes, weights_edited
 from circuitctl.metrics.metrics import METRICS
 from circuitctl.models.adapter import ModelAdapter
