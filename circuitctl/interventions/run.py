@@ -161,21 +161,23 @@ def _compute(spec, mode, primary: _Task, extra: list[_Task], text, export, confi
     notes: list[str] = []
     if mode == "keep" and space.kind == "node" and bool(ablated[space.graph.upstream_index["input"]]):
         notes.append("keep mode ablates the 'input' node (the embeddings) too, since it is not among the kept units")
-    if text is not None:
-        _check_text(Path(text), space.kind, getattr(space, "layout", None) is not None)
+    # everything that can fail is checked before the first measurement: tasks, text, export
+    measured = [(task, origin, data, metric, _space_for_task(space, session, data, task)) for task, origin, data, metric in _task_data(primary, session, extra)]
+    text_changes = _text_changes(Path(text), space, ablated, session, batch_size) if text is not None else None
     export_job = None
     if export is not None:
         _refuse_unbakeable(space.kind, config.ablation, "--export")
         export_job = _export_job(Path(export), space, ablated, session, batch_size, spec, mode, config_dir)
 
     tasks = {}
-    for task, origin, data, metric in _task_data(primary, session, extra):
-        task_space = _space_for_task(space, session, data, task)
+    for task, origin, data, metric, task_space in measured:
         effect = measure(task_space, keep, session.adapter, data, metric, config.ablation, batch_size, task, origin)
         tasks[_unique(task, tasks)] = effect.to_dict()
     text_effect = None
     if text is not None:
-        text_effect = _measure_text(Path(text), space, keep, ablated, session, batch_size).to_dict()
+        from circuitctl.interventions.text import measure_text
+
+        text_effect = measure_text(Path(text), space, keep, session, batch_size, text_changes).to_dict()
 
     n_ablated = int(ablated.sum())
     record = {
@@ -292,11 +294,16 @@ def _export_job(path: Path, space, ablated, session, batch_size: int, spec, mode
     return lambda: export_checkpoint(path, session.adapter.model, changes, source_dir, edit)
 
 
-def _measure_text(path: Path, space, keep, ablated, session, batch_size: int):
-    from circuitctl.interventions.text import measure_text
+def _text_changes(path: Path, space, ablated, session, batch_size: int) -> dict | None:
+    """Check --text for this edit; the weight edits that compute it on text (None for SAE features)."""
+    from circuitctl.interventions.text import check_text_source
 
-    changes = None
-    if space.kind != "feature":
-        kind = "mean" if session.config.ablation.type == "mean" else "zero"
-        changes = _changes_for(space, ablated, session, batch_size, AblationConfig(type=kind, per_position=False))
-    return measure_text(path, space, keep, session, batch_size, changes)
+    _check_text(path, space.kind, getattr(space, "layout", None) is not None)
+    check_text_source(path, session.adapter)
+    if space.kind == "feature":
+        return None
+    kind = "mean" if session.config.ablation.type == "mean" else "zero"
+    try:
+        return _changes_for(space, ablated, session, batch_size, AblationConfig(type=kind, per_position=False))
+    except UsageError as exc:
+        raise UsageError(f"--text: {exc}") from exc

@@ -91,8 +91,10 @@ def rank_by_spurious(space, scores, membership, top: int, session, batch_size: i
     if not pool:
         raise UsageError("by=spurious: the run's circuit has no units to rank (features other than error nodes)")
     importance = spurious_importance(space, pool, session, batch_size)
-    ranked = sorted(pool, key=lambda i: (-importance[i], pool.index(i)))
+    ranked = sorted(pool, key=lambda i: -importance[i])  # stable: ties keep the |score| order
     chosen = [i for i in ranked if importance[i] > 0][:top]
+    if not chosen:
+        raise UsageError(f"by=spurious: none of the {len(pool)} circuit {space.unit} lowers the spurious metric when ablated alone")
     selected = torch.zeros(space.mask.numel(), dtype=torch.bool)
     selected[chosen] = True
     selected = selected.view_as(space.mask)
@@ -105,7 +107,5 @@ def rank_by_spurious(space, scores, membership, top: int, session, batch_size: i
     rule = f"the top {len(chosen)} of {len(pool)} circuit {space.unit} by their effect on the spurious answers"
     if len(chosen) < top:
         rule += f" (only {len(chosen)} lower the spurious metric when ablated)"
-    if not chosen:
-        raise UsageError(f"by=spurious: none of the {len(pool)} circuit {space.unit} lowers the spurious metric when ablated alone")
     return selected, details, rule
 

@@ -49,12 +49,19 @@ def text_ablation(ablation) -> str:
     return "zero"
 
 
+def check_text_source(path: Path, adapter) -> None:
+    """A plain text file needs the model's tokenizer (planted models have none: use token ids)."""
+    if path.suffix != ".jsonl" and adapter.tokenizer is None:
+        raise UsageError(f"--text: '{path}' is text but the model has no tokenizer; give JSON lines (a .jsonl file) of token-id lists")
+
+
 def read_tokens(path: Path, adapter) -> TokenSet:
     """Sequences of token ids from a text file or a JSON-lines file (lists of ids, or strings)."""
     from circuitctl.sae.tokens import text_tokens, texts_tokens
 
     if not path.is_file():
         raise UsageError(f"--text: '{path}' does not exist")
+    check_text_source(path, adapter)
     length = min(adapter.cfg.n_ctx, MAX_LENGTH)
     bos = adapter.bos_token_id()
     if path.suffix != ".jsonl":

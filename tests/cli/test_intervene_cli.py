@@ -201,11 +201,17 @@ def _golden(name: str, root: Path) -> Path:
         (["--ablate", "resid0/f1"], "SAE feature names need SAEs"),
         (["--ablate", "m0.n1"], "neuron circuits need a model with MLPs"),
         (["--ablate", "RUN:group=g1"], "explanation.json, which does not exist"),
+        (["--ablate", "a0.h0", "--text", "PLAIN"], "is text but the model has no tokenizer"),
+        (["--ablate", "RUN", "--text", "TOKENS"], "--text: the loss on text is measured for SAE features"),
+        (["ablation=mean", "--ablate", "input", "--text", "TOKENS"], "--text: mean ablation of the 'input' node cannot be written"),
         (["--ablate", "RUN:top=3"], None),  # works: the top 3 edges by |score|
+        (["ablation=zero", "--ablate", "a0.h0", "--text", "TOKENS"], None),  # works: token ids on a model without a tokenizer
     ],
 )
 def test_bad_input_exits_2_with_one_message(world, capsys, args, message):
-    args = [a.replace("RUN", str(world / "run")) for a in args]
+    (world / "plain.txt").write_text("some text\n")
+    jsonl(world / "tokens.jsonl", [[1, 2, 3, 4], [5, 6, 7]])
+    args = [a.replace("RUN", str(world / "run")).replace("PLAIN", str(world / "plain.txt")).replace("TOKENS", str(world / "tokens.jsonl")) for a in args]
     code = cli(["intervene", str(world / "config.yaml"), *args, "--out", str(world / "bad" / str(abs(hash(tuple(args)))))])
     err = capsys.readouterr().err
     if message is None:
@@ -246,3 +252,23 @@ def test_toy_gpt_ablating_the_s2_heads_breaks_ioi_and_leaves_induction_above_cha
     assert ioi["accuracy_before"] == 1.0 and ioi["accuracy_after"] < 0.6 and abs(ioi["faithfulness"]) < 0.05
     assert induction["accuracy_after"] == 1.0  # the answer still beats the corrupt prompt's token everywhere
     assert 0.4 < induction["faithfulness"] < 0.8 and induction["top1_accuracy_after"] < 0.9  # but induction is weakened
+
+
+@pytest.mark.parametrize("name, kind, top", [("node", "node", ["a0.h0", "m0", "a1.h0"]), ("neuron", "neuron", ["m0.n0", "m0.n3", "m0.n7"]), ("acdc", "edge", None)])
+def test_the_top_units_of_planted_runs_of_every_kind_carry_their_task(tmp_path, name, kind, top):
+    """Version-1 runs (tests/golden/v1) on planted models: their 3 strongest units are the planted
+    mechanism, so removing them destroys the task and keeping them alone keeps it."""
+    run = _golden(name, tmp_path)
+    assert cli(["intervene", str(run / "config.yaml"), "--ablate", f"{run}:top=3", "--out", str(tmp_path / "remove")]) == 0
+    removed = record(tmp_path / "remove")
+    assert removed["kind"] == kind and len(removed["selected"]) == 3 and (top is None or removed["selected"] == top)
+    task = next(iter(removed["tasks"].values()))
+    assert task["faithfulness"] == pytest.approx(0.0, abs=1e-6) and task["accuracy_after"] == 0.0
+
+
+def test_a_per_position_circuit_is_refused_on_a_task_with_other_positions_before_anything_runs(tmp_path, capsys):
+    run = _golden("pos_node", tmp_path)
+    code = cli(["intervene", str(run / "config.yaml"), "--ablate", f"{run}:top=3", "--tasks", "toy-induction", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--tasks toy-induction: a per-position circuit applies to tasks with the same positions" in err
+    assert not (tmp_path / "o").exists()
