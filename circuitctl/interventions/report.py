@@ -39,7 +39,10 @@ def _f(value, digits: int = 3) -> str:
 
 def markdown(record: dict) -> str:
     ablated = record["ablated"]
-    listed = ", ".join(ablated[:30]) + (f", ... ({record['n_ablated']} in all)" if len(ablated or []) > 30 else "") if ablated is not None else f"{record['n_ablated']} {record['unit']}"
+    if ablated is None:  # too many to list
+        listed = f"{record['n_ablated']} {record['unit']}"
+    else:
+        listed = ", ".join(ablated[:30]) + (f", ... ({len(ablated)} in all)" if len(ablated) > 30 else "")
     lines = [
         f"# Intervention: {record['mode']} {_md(record['spec'])}",
         "",

@@ -146,7 +146,6 @@ def _refuse_unbakeable(kind: str, ablation, what: str) -> None:
 
 def _compute(spec, mode, primary: _Task, extra: list[_Task], text, export, config_dir):
     from circuitctl.interventions.measure import measure
-    from circuitctl.interventions.masks import names_of
     from circuitctl.interventions.units import resolve
     from circuitctl.session import open_session
 
@@ -162,7 +161,10 @@ def _compute(spec, mode, primary: _Task, extra: list[_Task], text, export, confi
     if mode == "keep" and space.kind == "node" and bool(ablated[space.graph.upstream_index["input"]]):
         notes.append("keep mode ablates the 'input' node (the embeddings) too, since it is not among the kept units")
     # everything that can fail is checked before the first measurement: tasks, text, export
-    measured = [(task, origin, data, metric, _space_for_task(space, session, data, task)) for task, origin, data, metric in _task_data(primary, session, extra)]
+    measured = [
+        (task, origin, data, metric, _space_for_task(space, session, data, task))
+        for task, origin, data, metric in _task_data(primary, session, extra)
+    ]
     text_changes = _text_changes(Path(text), space, ablated, session, batch_size) if text is not None else None
     export_job = None
     if export is not None:
@@ -179,10 +181,21 @@ def _compute(spec, mode, primary: _Task, extra: list[_Task], text, export, confi
 
         text_effect = measure_text(Path(text), space, keep, session, batch_size, text_changes).to_dict()
 
+    record = _record(spec, mode, selection, ablated, tasks, text_effect, export, session, notes)
+    return record, export_job
+
+
+def _record(spec, mode: str, selection, ablated, tasks: dict, text_effect, export, session, notes: list[str]) -> dict:
+    """intervention.json (see the README: `intervene`)."""
+    from circuitctl.interventions.masks import names_of
+    from circuitctl.interventions.report import FORMAT, MAX_LISTED, SCHEMA_VERSION
+
+    config, space = session.config, selection.space
+    selected = selection.selected & space.mask
     n_ablated = int(ablated.sum())
-    record = {
-        "format": "circuitctl.intervention",
-        "schema_version": 1,
+    return {
+        "format": FORMAT,
+        "schema_version": SCHEMA_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "spec": spec.text,
         "mode": mode,
@@ -190,7 +203,7 @@ def _compute(spec, mode, primary: _Task, extra: list[_Task], text, export, confi
         "unit": space.unit,
         "rule": selection.rule,
         "selected": names_of(space, selected),
-        "ablated": names_of(space, ablated) if n_ablated <= _max_listed() else None,
+        "ablated": names_of(space, ablated) if n_ablated <= MAX_LISTED else None,
         "n_ablated": n_ablated,
         "n_total": int(space.mask.sum()),
         "ablation": config.ablation.model_dump(mode="json"),
@@ -203,13 +216,6 @@ def _compute(spec, mode, primary: _Task, extra: list[_Task], text, export, confi
         **_provenance(config),
         "notes": notes,
     }
-    return record, export_job
-
-
-def _max_listed() -> int:
-    from circuitctl.interventions.report import MAX_LISTED
-
-    return MAX_LISTED
 
 
 def _provenance(config: RunConfig) -> dict:
