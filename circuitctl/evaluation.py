@@ -37,11 +37,30 @@ def evaluate_faithfulness(
     check_graph(loaded, session.adapter.graph)
     space = space_for(loaded.record["space"], session.adapter, session.data)
     scores, membership = space.read(loaded.record, loaded.origin)
-    evaluator = CircuitEvaluator(space, session.adapter, session.data, session.metric, config.ablation, batch_size or config.method.batch_size)
+    evaluator = CircuitEvaluator(
+        space, session.adapter, session.data, session.metric, config.ablation, batch_size or config.method.batch_size, config.cache_gib
+    )
     known_report = against_known_units(known, space, scores, membership) if known is not None else None
     report = faithfulness_report(circuit_path, config, evaluator, scores, membership, known_report, curve_rule)
     write_report(targets, asdict(report), plot_curve(report))
-    return report, targets
+    return report, targets + refresh_viewer_beside(circuit_path, out_dir)
+
+
+def refresh_viewer_beside(circuit_path: Path, out_dir: Path) -> list[Path]:
+    """Rewrite the run directory's circuit.html when the report was written beside its
+    circuit.json, so the page shows the curve; returns the page written. A viewer problem is a
+    note (`circuitctl.batching.note`), never a failed evaluation."""
+    from circuitctl.batching import note
+    from circuitctl.circuits.record import circuit_path as circuit_file
+    from circuitctl.viewer import refresh_viewer
+
+    circuit = circuit_file(circuit_path)
+    if circuit.name != "circuit.json" or circuit.parent.resolve() != Path(out_dir).resolve():
+        return []
+    page, problem = refresh_viewer(out_dir)
+    if problem:
+        note(problem)
+    return [page] if page is not None else []
 
 
 def check_graph(loaded, graph) -> None:

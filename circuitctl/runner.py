@@ -20,7 +20,9 @@ import yaml
 from circuitctl.config.load import config_hash
 from circuitctl.config.schema import RunConfig
 from circuitctl.errors import UsageError
-from circuitctl.io.files import prepare_run_dir, remove_if_empty, write_atomic
+from circuitctl.io.files import prepare_run_dir, remove_if_empty, staged_writes, write_atomic
+from circuitctl.io.run_lock import RunLock
+from circuitctl.checks import check_task_signal
 from circuitctl.session import check_model_source, open_session, read_task_source
 
 
@@ -58,9 +60,11 @@ class _Circuit:
 
 
 def default_run_dir(config: RunConfig) -> Path:
+    from circuitctl.io.escape import path_component
+
     task = config.task.name or Path(config.task.path or "task").stem
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{task}-{config.method.name}-{stamp}"
+    return Path("runs") / path_component(f"{task}-{config.method.name}-{stamp}")  # a name, never a path
 
 
 def discover(config: RunConfig, config_dir: Path | None = None, force: bool = False, resume: Path | None = None) -> DiscoverySummary:
@@ -80,13 +84,15 @@ def discover(config: RunConfig, config_dir: Path | None = None, force: bool = Fa
     if resume is not None:
         if distributed.world_size() > 1:
             raise UsageError("--resume is not supported under torchrun; resume on one process")
-        return _discover_with_notes(check_resumable(resume, config), config, config_dir, timings, started, resume=True)
+        with RunLock(resume, "--resume"), staged_writes(resume):  # one process at a time; results land together
+            return _discover_with_notes(check_resumable(resume, config), config, config_dir, timings, started, resume=True)
     if distributed.world_size() > 1:
         return _discover_on_ranks(run_dir, config, config_dir, force, timings, started)
     existed = run_dir.exists()
-    run_dir = prepare_run_dir(run_dir, force)
     try:
-        return _discover_with_notes(run_dir, config, config_dir, timings, started)
+        with RunLock(run_dir, "output.dir"), staged_writes(run_dir):  # one process at a time; results land together
+            run_dir = prepare_run_dir(run_dir, force)
+            return _discover_with_notes(run_dir, config, config_dir, timings, started)
     except BaseException:
         if not existed:  # a failed run leaves no empty run directory behind
             remove_if_empty(run_dir)
@@ -166,9 +172,12 @@ def _discover_into(
     from circuitctl.methods.base import DiscoveryContext, run_method
 
     session = open_session(config, config_dir)
+    session.task_signal = check_task_signal(session, config)  # refuses a task without signal before the method runs
     timings["load"] = time.perf_counter() - started
     checkpoint = Checkpoint(run_dir, config_hash(config))
-    context = DiscoveryContext(session.adapter, session.data, session.metric, config.ablation, config.seed, run_dir, checkpoint, resume, config_dir)
+    context = DiscoveryContext(
+        session.adapter, session.data, session.metric, config.ablation, config.seed, run_dir, checkpoint, resume, config_dir, config.cache_gib
+    )
     t0 = time.perf_counter()
     result = run_method(context, config.method)
     timings["discovery"] = time.perf_counter() - t0
@@ -198,7 +207,7 @@ def finish(run_dir: Path, config: RunConfig, session, result, timings: dict[str,
         circuits.append(_Circuit(label, params, point.scores.float().cpu(), membership, chosen_by, point.forward_passes, point.extra))
 
     t0 = time.perf_counter()
-    evaluator = CircuitEvaluator(space, session.adapter, session.data, session.metric, config.ablation, config.method.batch_size)
+    evaluator = CircuitEvaluator(space, session.adapter, session.data, session.metric, config.ablation, config.method.batch_size, config.cache_gib)
     m_full, m_empty = evaluator.full_and_empty()
     import torch
 
@@ -225,9 +234,14 @@ def finish(run_dir: Path, config: RunConfig, session, result, timings: dict[str,
         write_json(run_dir / "sweep.json", {"method": method, "metric_full": m_full, "metric_empty": m_empty, "points": rows})
         files += ["sweep.json"] + [f"{row['label']}/" for row in rows]
     files += write_method_files(run_dir, result.files)
+    explained, explain_notes = explain_step(run_dir, config, session, timings)  # after sweep.json: a sweep's circuits read it
+    files, notes = files + explained, notes + explain_notes
     rule_note = ignored_rule_note(config.selection, method) if any(p.membership is not None for p in points) else None
     from circuitctl.metrics.faithfulness import normalized_faithfulness, undefined_reason
 
+    page_files, page_notes = write_viewer_pages(run_dir, [circuit.label for circuit in circuits])
+    files += page_files
+    notes += page_notes
     first = circuits[0]
     return DiscoverySummary(
         run_dir=run_dir,
@@ -246,6 +260,29 @@ def finish(run_dir: Path, config: RunConfig, session, result, timings: dict[str,
         notes=[n for n in (rule_note, undefined_reason(m_full, m_empty)) if n] + sorted(set(notes)),
         sweep=rows,
     )
+
+
+def explain_step(run_dir: Path, config: RunConfig, session, timings: dict[str, float]) -> tuple[list[str], list[str]]:
+    """`explain: true`: explain the circuit(s) just written (explanation.json/.md, labels in
+    circuit.dot, circuit.grouped.dot) on the main rank. A failure here never fails the finished
+    discovery: it becomes a note. Returns (files written, relative to run_dir; notes)."""
+    from circuitctl import distributed
+    from circuitctl.explain.report import remove_explanations
+
+    if not distributed.is_main():
+        return [], []
+    remove_explanations(run_dir)  # a --force rerun: an earlier run's explanation describes another circuit
+    if not config.explain:
+        return [], []
+    t0 = time.perf_counter()
+    try:
+        from circuitctl.explain.pipeline import explain_discovered
+
+        files, notes = explain_discovered(run_dir, session, config)
+    except Exception as exc:  # noqa: BLE001 - the circuit is written; the explanation is extra
+        files, notes = [], [f"the circuit was not explained ({type(exc).__name__}: {exc}); rerun `circuitctl explain {run_dir} --force`"]
+    timings["explain"] = time.perf_counter() - t0
+    return [f for f in files if "/" not in f], notes  # a sweep's files are listed by their directories
 
 
 def write_circuit(out: Path, config: RunConfig, session, space, circuit: _Circuit, m_full: float, m_empty: float, timings) -> tuple[list[str], str]:
@@ -287,6 +324,22 @@ def write_circuit(out: Path, config: RunConfig, session, space, circuit: _Circui
     svg, note = write_drawing(out / "circuit.dot", space.dot(circuit.scores, circuit.membership, title))
     files += ["circuit.dot"] + (["circuit.svg"] if svg else [])
     return files, note
+
+
+def write_viewer_pages(run_dir: Path, labels: list[str | None]) -> tuple[list[str], list[str]]:
+    """circuit.html (the interactive viewer) beside every circuit written: run_dir, or each sweep
+    point's run_dir/<label>. Runs last, so the page shows every file written before it. Returns
+    (files written, notes); a viewer problem is a note, never a failed run."""
+    from circuitctl.viewer import refresh_viewer
+
+    files, notes = [], []
+    for label in labels:
+        page, problem = refresh_viewer(run_dir / label if label else run_dir)
+        if page is not None:
+            files.append(f"{label}/{page.name}" if label else page.name)
+        if problem:
+            notes.append(problem)
+    return files, notes
 
 
 def _sweep_row(circuit: _Circuit, space, m_full: float, m_empty: float) -> dict:
@@ -352,6 +405,7 @@ def run_provenance(config: RunConfig, session, timings: dict[str, float], result
             "origin": session.task.origin,
             "n_pairs": session.data.n,
         },
+        "task_signal": session.task_signal,
         "method": config.method.model_dump(mode="json"),
         "metric": config.metric,
         "ablation": config.ablation.model_dump(mode="json"),

@@ -50,6 +50,7 @@ class Session:
     data: object  # TaskData
     metric: object  # Metric
     task: TaskSource
+    task_signal: dict | None = None  # circuitctl.checks.check_task_signal's record, for the summary and circuit.json
 
 
 def open_session(config: RunConfig, config_dir: Path | None) -> Session:

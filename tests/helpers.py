@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+from conftest import DEVICE
+
 from circuitctl.config.schema import AblationConfig
 from circuitctl.methods.base import DiscoveryContext
 from circuitctl.metrics.metrics import METRICS
@@ -20,7 +22,7 @@ def planted_context(name: str, metric: str = "logit_diff", ablation: str = "resa
         from dataclasses import replace
 
         pc = replace(pc, pairs=pc.pairs[:n_pairs])
-    adapter = ModelAdapter(build_model(pc))
+    adapter = ModelAdapter(build_model(pc).to(DEVICE))
     pairs = [pair_from_record(r, f"{name} pair {i}") for i, r in enumerate(pc.pairs)]
     data = tokenize_pairs(pairs, None, adapter.d_vocab, None, name)
     return pc, DiscoveryContext(adapter, data, METRICS.get(metric), AblationConfig(type=ablation))
@@ -31,6 +33,13 @@ def edge_auc(graph, scores, true_edges) -> float:
 
     names = graph.edge_names()
     return roc_auc([abs(float(scores[graph.edge_index(e)])) for e in names], [e in true_edges for e in names])
+
+
+def planted_module():
+    """The planted ground-truth models' module (one import, for tests that export them)."""
+    from circuitctl.testing import planted
+
+    return planted
 
 
 def second_token_records(n: int = 16, vocab: int = 12, length: int = 6, seed: int = 7, spurious: bool = False) -> list[dict]:

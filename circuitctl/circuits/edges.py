@@ -61,8 +61,8 @@ class EdgeSpace:
 
     def read(self, record: dict, origin: str) -> tuple[torch.Tensor, torch.Tensor]:
         graph = self.graph
-        scores = torch.zeros(graph.n_upstream, graph.n_downstream)
-        membership = torch.zeros(graph.n_upstream, graph.n_downstream, dtype=torch.bool)
+        scores = torch.zeros(graph.n_upstream, graph.n_downstream, device="cpu")
+        membership = torch.zeros(graph.n_upstream, graph.n_downstream, dtype=torch.bool, device="cpu")
         for name, item in record["edges"].items():
             try:
                 u, v = graph.edge_index(name)

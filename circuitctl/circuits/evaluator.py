@@ -15,9 +15,11 @@ from circuitctl.patching.engine import BatchState, PatchingEngine
 
 
 class CircuitEvaluator:
-    def __init__(self, space, adapter, data, metric, ablation, batch_size: int) -> None:
+    def __init__(self, space, adapter, data, metric, ablation, batch_size: int, cache_gib: float | None = None) -> None:
         self.space = space
-        self.engine = PatchingEngine(adapter, data, metric, ablation, batch_size, keep_cache=True, node_ablation=space.needs_node_ablation)
+        self.engine = PatchingEngine(
+            adapter, data, metric, ablation, batch_size, keep_cache=True, node_ablation=space.needs_node_ablation, cache_gib=cache_gib
+        )
         self.patcher = space.patcher(self.engine)
 
     @property
@@ -43,5 +45,5 @@ class CircuitEvaluator:
 
     def full_and_empty(self) -> tuple[float, float]:
         """m(M) (nothing ablated) and m(empty) (every unit ablated)."""
-        empty = torch.zeros((1, *self.space.mask.shape), dtype=torch.bool)
+        empty = torch.zeros((1, *self.space.mask.shape), dtype=torch.bool, device="cpu")
         return self.engine.clean_value(), float(self.circuit_values(empty)[0])

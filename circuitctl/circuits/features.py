@@ -93,7 +93,7 @@ class FeatureSpace:
         for site, sae in self.saes.items():
             self.offsets[site] = offset
             offset += self.n_groups * (sae.d_sae + 1)
-        self._mask = torch.ones(offset, dtype=torch.bool)
+        self._mask = torch.ones(offset, dtype=torch.bool, device="cpu")
 
     @classmethod
     def from_info(cls, info: dict, adapter, data) -> "FeatureSpace":
@@ -205,8 +205,8 @@ class FeatureSpace:
         return {"nodes": nodes, "edges": edges}
 
     def read(self, record: dict, origin: str) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = torch.zeros(self.n_total)
-        membership = torch.zeros(self.n_total, dtype=torch.bool)
+        scores = torch.zeros(self.n_total, device="cpu")
+        membership = torch.zeros(self.n_total, dtype=torch.bool, device="cpu")
         for name, item in record["nodes"].items():
             if name == naming.LOGITS:
                 continue

@@ -30,7 +30,7 @@ class NeuronSpace:
             raise UsageError("neuron circuits need a model with MLPs (this one is attention-only)")
         self.graph = graph
         self.d_mlp = d_mlp
-        self._mask = torch.ones(graph.spec.n_layers, d_mlp, dtype=torch.bool)
+        self._mask = torch.ones(graph.spec.n_layers, d_mlp, dtype=torch.bool, device="cpu")
 
     @classmethod
     def from_info(cls, info: dict, adapter, data) -> "NeuronSpace":
@@ -69,7 +69,7 @@ class NeuronSpace:
         return {"nodes": nodes, "edges": {}, "neurons": neurons}
 
     def read(self, record: dict, origin: str) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = torch.zeros(self.graph.spec.n_layers, self.d_mlp)
+        scores = torch.zeros(self.graph.spec.n_layers, self.d_mlp, device="cpu")
         membership = torch.zeros_like(scores, dtype=torch.bool)
         for name, item in (record.get("neurons") or {}).items():
             try:

@@ -24,7 +24,7 @@ class NodeSpace:
 
     def __init__(self, graph: Graph) -> None:
         self.graph = graph
-        self._mask = torch.ones(graph.n_upstream, dtype=torch.bool)
+        self._mask = torch.ones(graph.n_upstream, dtype=torch.bool, device="cpu")
 
     @classmethod
     def from_info(cls, info: dict, adapter, data) -> "NodeSpace":
@@ -70,8 +70,8 @@ class NodeSpace:
         return {"nodes": nodes, "edges": edges}
 
     def read(self, record: dict, origin: str) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = torch.zeros(self.graph.n_upstream)
-        membership = torch.zeros(self.graph.n_upstream, dtype=torch.bool)
+        scores = torch.zeros(self.graph.n_upstream, device="cpu")
+        membership = torch.zeros(self.graph.n_upstream, dtype=torch.bool, device="cpu")
         for name, item in record["nodes"].items():
             if name == naming.LOGITS:
                 continue

@@ -81,8 +81,8 @@ class PositionalEdgeSpace:
         return {"nodes": nodes, "edges": edges}
 
     def read(self, record: dict, origin: str) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = torch.zeros(self.mask.shape)
-        membership = torch.zeros(self.mask.shape, dtype=torch.bool)
+        scores = torch.zeros(self.mask.shape, device="cpu")
+        membership = torch.zeros(self.mask.shape, dtype=torch.bool, device="cpu")
         for name, item in record["edges"].items():
             try:
                 index = self.pgraph.edge_index(name)
@@ -123,7 +123,7 @@ class PositionalNodeSpace:
     def __init__(self, pgraph: PositionalGraph) -> None:
         self.pgraph = pgraph
         self.graph = pgraph.base
-        self._mask = torch.ones(pgraph.n_groups, pgraph.base.n_upstream, dtype=torch.bool)
+        self._mask = torch.ones(pgraph.n_groups, pgraph.base.n_upstream, dtype=torch.bool, device="cpu")
         self.circuits_per_pass = max(1, 8 // pgraph.n_groups)
 
     @classmethod
@@ -162,8 +162,8 @@ class PositionalNodeSpace:
         return {"nodes": nodes, "edges": {}}
 
     def read(self, record: dict, origin: str) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = torch.zeros(self._mask.shape)
-        membership = torch.zeros(self._mask.shape, dtype=torch.bool)
+        scores = torch.zeros(self._mask.shape, device="cpu")
+        membership = torch.zeros(self._mask.shape, dtype=torch.bool, device="cpu")
         for name, item in record["nodes"].items():
             try:
                 node = naming.parse_node(name)

@@ -106,6 +106,7 @@ class CircuitRecord(_Strict):
     created: Optional[str] = None
     model: dict[str, Any] = Field(default_factory=dict)
     task: dict[str, Any] = Field(default_factory=dict)
+    task_signal: Optional[dict[str, Any]] = None  # circuitctl.checks: gap, its standard error, clean accuracy, ...
     method: dict[str, Any] = Field(default_factory=dict)
     metric: Optional[str] = None
     ablation: dict[str, Any] = Field(default_factory=dict)

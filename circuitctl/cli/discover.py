@@ -7,6 +7,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from circuitctl.cli.app import app
@@ -23,6 +24,7 @@ def discover(
     rerun: Optional[Path] = typer.Option(None, "--from", help="rerun the config recorded in an earlier run directory"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue an interrupted run (ACDC, path patching, EAP-IG, exact patching, CD-T) from its checkpoint in RUN_DIR"),
     reselect: bool = typer.Option(False, "--reselect", help="re-select the circuit of a method that chooses its own (ACDC, path patching, CD-T, SFC) by score, with the config's selection rule"),
+    allow_small_gap: bool = typer.Option(False, "--allow-small-gap", help="run even when the task has no clean-corrupt gap (same as checks.allow_small_gap=true)"),
 ) -> None:
     """Discover a circuit and write circuit.json, circuit.mib.json, circuit.dot (and .svg)."""
     from circuitctl.config.load import find_config, load_config
@@ -36,7 +38,8 @@ def discover(
     if config is None:
         raise UsageError("give a config file (or --from RUN_DIR)")
     config = find_config(config)
-    run_config = load_config(config, list(overrides or []) + (["selection.reselect=true"] if reselect else []))
+    extra = (["selection.reselect=true"] if reselect else []) + (["checks.allow_small_gap=true"] if allow_small_gap else [])
+    run_config = load_config(config, list(overrides or []) + extra)
     from circuitctl.runner import discover as run_discovery
 
     summary = run_discovery(run_config, config.parent, force=force, resume=resume)
@@ -44,14 +47,14 @@ def discover(
     if summary.sweep:
         console.print(sweep_table(summary.sweep, summary.unit))
     for note in summary.notes:
-        console.print(f"note: {note}")
+        console.print(f"note: {escape(note)}")
 
 
 def summary_table(summary) -> Table:
     from circuitctl.metrics.faithfulness import format_f
 
     table = Table(title=f"circuit discovered with {summary.method}", show_header=False)
-    table.add_row("run directory", str(summary.run_dir))
+    table.add_row("run directory", escape(str(summary.run_dir)))  # paths and notes are text, never markup
     if summary.sweep:  # several circuits: their numbers are in the sweep table
         table.add_row(f"{summary.unit} in the graph", str(summary.n_total))
         table.add_row("metric: full / empty", f"{summary.m_full:.4f} / {summary.m_empty:.4f}")

@@ -45,12 +45,16 @@ def faithfulness(
         if not known.is_file():
             raise UsageError(f"--known: '{known}' does not exist")
         known_edges = [line.strip() for line in known.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    from circuitctl.batching import collect_notes
     from circuitctl.evaluation import evaluate_faithfulness
 
     if curve not in ("mib", "circuitctl"):
         raise UsageError(f"--curve: '{curve}' is not a curve rule (mib or circuitctl)")
-    report, files = evaluate_faithfulness(circuit, run_config, config.parent, out or circuit_dir, force, known_edges, curve_rule=curve)
+    with collect_notes() as notes:
+        report, files = evaluate_faithfulness(circuit, run_config, config.parent, out or circuit_dir, force, known_edges, curve_rule=curve)
     console.print(report_table(report, files))
+    for note in notes:
+        console.print(f"note: {note}", soft_wrap=True)
 
 
 def report_table(report, files) -> Table:

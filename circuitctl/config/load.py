@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from circuitctl.config.methods import METHODS
 from circuitctl.config.schema import ABLATION_TYPES, METRIC_NAMES, RunConfig
 from circuitctl.errors import UsageError
-from circuitctl.io.yaml_errors import describe_yaml_error
+from circuitctl.io.yaml_errors import check_nesting, describe_yaml_error, read_text
 from circuitctl.registry import closest
 
 _PLACEHOLDER_METHOD = {"name": "exact"}
@@ -44,12 +44,15 @@ def read_yaml(path: Path) -> tuple[Any, dict[tuple, int]]:
         raise UsageError(f"config file '{path}' does not exist")
     if path.is_dir():
         raise UsageError(f"config '{path}' is a directory, not a YAML file")
-    text = path.read_text()
+    text = read_text(path)
+    check_nesting(text, path)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise UsageError(describe_yaml_error(path, exc)) from exc
+    except RecursionError:  # PyYAML recurses once per nesting level
+        raise UsageError(f"{path}: YAML nested too deeply to read") from None
     lines: dict[tuple, int] = {}
 
     def walk(n, prefix: tuple) -> None:
@@ -70,8 +73,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise UsageError(f"override '{text}': '{key}' is not a dotted key")
     try:
+        check_nesting(raw, Path("override"))
         value = yaml.safe_load(raw) if raw else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError, UsageError):
         value = raw
     return key.split("."), value
 
@@ -137,7 +141,7 @@ def validate_config(data: Any, source: str = "config", lines: dict[tuple, int] |
         method_data = {"name": method_data}
     if not isinstance(method_data, dict) or "name" not in method_data:
         problems.append(f"method{_line(lines, ('method',))}: required: a mapping with a 'name' (one of {', '.join(METHODS.names())})")
-    elif method_data["name"] not in METHODS:
+    elif not isinstance(method_data["name"], str) or method_data["name"] not in METHODS:
         name = str(method_data["name"])
         hint = closest(name, METHODS.names())
         problems.append(
@@ -205,8 +209,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 
 
 def config_hash(config: RunConfig) -> str:
-    """A short hash that identifies the experiment: every section except `output`, so the
-    same config rerun into another directory keeps its hash."""
-    experiment = {k: v for k, v in config.to_plain().items() if k != "output"}
+    """A short hash that identifies the experiment: every section except those that change no
+    result (`output`, `explain`, `checks`, `cache_gib`), so the same config rerun into another
+    directory, or with another memory budget, keeps its hash."""
+    experiment = {k: v for k, v in config.to_plain().items() if k not in ("output", "explain", "checks", "cache_gib")}
     canonical = json.dumps(experiment, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]

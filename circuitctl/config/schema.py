@@ -23,6 +23,12 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _not_empty(value: Optional[str]) -> Optional[str]:
+    if value is not None and not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
 class ModelConfig(Section):
     name: Optional[str] = Field(None, description="a TransformerLens pretrained model name, e.g. gpt2")
     path: Optional[str] = Field(None, description="a local checkpoint directory (config.json + model.safetensors)")
@@ -31,6 +37,8 @@ class ModelConfig(Section):
     n_devices: int = Field(
         1, ge=1, description="GPUs to split the model's layers over (TransformerLens n_devices); only 1 is supported yet"
     )
+
+    _names = field_validator("name", "path")(_not_empty)
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -64,6 +72,8 @@ class TaskConfig(Section):
     path: Optional[str] = Field(None, description="a task YAML spec, or a JSONL file of prompt pairs")
     n_pairs: Optional[int] = Field(None, ge=1, description="use (or generate) this many pairs")
     options: dict[str, Any] = Field(default_factory=dict, description="options for a task generator")
+
+    _names = field_validator("name", "path")(_not_empty)
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -105,6 +115,14 @@ class OutputConfig(Section):
     dir: Optional[str] = Field(None, description="run directory; default runs/<task>-<method>-<time>")
 
 
+class ChecksConfig(Section):
+    """Checks run before a method (circuitctl.checks); they never change a result, only refuse or allow a run."""
+
+    allow_small_gap: bool = Field(
+        False, description="run even when the task has no clean-corrupt gap (f(C) is then undefined and scores are noise)"
+    )
+
+
 class RunConfig(Section):
     model: ModelConfig
     task: TaskConfig
@@ -117,7 +135,15 @@ class RunConfig(Section):
     )
     selection: SelectionConfig = SelectionConfig()
     output: OutputConfig = OutputConfig()
-    seed: int = 0
+    checks: ChecksConfig = ChecksConfig()
+    seed: int = Field(0, ge=-(2**63), le=2**64 - 1, description="random seed (the range torch.manual_seed accepts)")
+    cache_gib: Optional[float] = Field(
+        None,
+        ge=0,
+        description="accelerator memory (GiB) for the batches that evaluation and ACDC keep between uses; beyond it "
+        "they wait on the host (or are recomputed); default: half the GPU's free memory, no limit on the CPU",
+    )
+    explain: bool = Field(True, description="explain the circuit at the end of discover (circuitctl explain RUN_DIR)")
     max_batch_size: Optional[int] = Field(
         None,
         ge=1,

@@ -41,6 +41,16 @@ SITE_KINDS = ("embed", "attn", "mlp", "resid")
 _SITE_ORDER = {"attn": 0, "mlp": 1, "resid": 2}
 
 
+# What a task's position label may be: it becomes part of node names (``a3.h0@S2``), file
+# contents and drawings. Letters of any script, digits, '_', '.', '+', '-'; 1 to 64 characters.
+POSITION_LABEL = re.compile(r"\w[\w.+-]{0,63}")
+POSITION_LABEL_RULE = "letters, digits, '_', '.', '+' or '-', at most 64, starting with a letter, digit or '_'"
+
+
+def is_position_label(label: object) -> bool:
+    return isinstance(label, str) and POSITION_LABEL.fullmatch(label) is not None
+
+
 # -- the edge graph ------------------------------------------------------------------------
 def head(layer: int, index: int) -> str:
     return f"a{layer}.h{index}"

@@ -35,7 +35,7 @@ class PositionalGraph:
         self.layout = layout
         self.names = layout.names
         self.reach = reach.bool()  # [G_src, G_dst]: some token of src is at or before one of dst
-        self.answer_groups = torch.zeros(layout.n_groups, dtype=torch.bool)  # [G]: only the answer's group reads logits
+        self.answer_groups = torch.zeros(layout.n_groups, dtype=torch.bool, device="cpu")  # [G]: only the answer's group reads logits
         self.answer_groups[layout.answer] = True
         self.group_index = {name: i for i, name in enumerate(self.names)}
 
@@ -43,10 +43,10 @@ class PositionalGraph:
     def from_data(cls, graph: Graph, data, what: str = "a per-position graph") -> "PositionalGraph":
         layout = PositionLayout.from_data(data, what)
         G = layout.n_groups
-        reach = torch.zeros(G, G, dtype=torch.bool)
+        reach = torch.zeros(G, G, dtype=torch.bool, device="cpu")
         for batch in data.batches(256):
             groups = layout.assign(batch)  # [B, P]
-            index = torch.arange(groups.shape[1])[None].expand_as(groups)
+            index = torch.arange(groups.shape[1], device="cpu")[None].expand_as(groups)
             big = groups.shape[1] + 1
             first = torch.stack([torch.where(groups == g, index, big).min(1).values for g in range(G)])  # [G, B]
             last = torch.stack([torch.where(groups == g, index, -1).max(1).values for g in range(G)])
@@ -61,15 +61,15 @@ class PositionalGraph:
     @cached_property
     def kv_inputs(self) -> torch.Tensor:
         """Bool [V]: downstream inputs that are a head's key or value."""
-        return torch.tensor([naming.parse_node(name).channel in ("k", "v") for name in self.base.downstream])
+        return torch.tensor([naming.parse_node(name).channel in ("k", "v") for name in self.base.downstream], device="cpu")
 
     @cached_property
     def edge_mask(self) -> torch.Tensor:
         """Bool [G_src, G_dst, U, V]: the real per-position edges."""
         G, base = self.n_groups, self.base
         kv = self.kv_inputs[None, None, None, :]
-        same = torch.eye(G, dtype=torch.bool)[:, :, None, None]
-        logits = torch.zeros(base.n_downstream, dtype=torch.bool)
+        same = torch.eye(G, dtype=torch.bool, device="cpu")[:, :, None, None]
+        logits = torch.zeros(base.n_downstream, dtype=torch.bool, device="cpu")
         logits[base.logits_index] = True
         at_answer = ~logits[None, None, None, :] | self.answer_groups[None, :, None, None]
         cross = self.reach[:, :, None, None] & kv

@@ -83,7 +83,7 @@ class PositionLayout:
         # groups in order of their mean position, so that drawings read left to right
         order = sorted(labels, key=lambda k: (float(labels[k].float().mean()), k))
         covered = torch.zeros_like(data.real_tokens)
-        rows = torch.arange(data.n)
+        rows = torch.arange(data.n, device="cpu")
         for k in labels:
             covered[rows, labels[k]] = True
         has_other = bool((data.real_tokens & ~covered).any())

@@ -26,11 +26,9 @@ def write(paths: list[Path], record: dict) -> None:
 
 
 def _md(text) -> str:
-    """Markdown-safe text: table separators, emphasis and HTML escaped."""
-    out = str(text)
-    for char in ("\\", "|", "*", "_", "`", "[", "]", "<", ">"):
-        out = out.replace(char, "\\" + char)
-    return out
+    from circuitctl.io.escape import markdown_text
+
+    return markdown_text(text)
 
 
 def _f(value, digits: int = 3) -> str:

@@ -88,8 +88,10 @@ def intervene(
 
 
 def default_out_dir(config: RunConfig) -> Path:
+    from circuitctl.io.escape import path_component
+
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{_task_label(config)}-intervene-{stamp}"
+    return Path("runs") / path_component(f"{_task_label(config)}-intervene-{stamp}")  # a name, never a path
 
 
 def _task_label(config: RunConfig) -> str:

@@ -61,7 +61,7 @@ def candidates(space, scores: torch.Tensor, membership: torch.Tensor) -> list[in
 
     member = (membership & space.mask & ~error_nodes(space)).flatten()
     flat_scores = scores.flatten().abs().float()
-    order = torch.sort(torch.where(member, flat_scores, torch.tensor(-1.0)), descending=True, stable=True).indices
+    order = torch.sort(flat_scores.masked_fill(~member, -1.0), descending=True, stable=True).indices
     return [int(i) for i in order[: min(int(member.sum()), MAX_CANDIDATES)].tolist()]
 
 
@@ -77,7 +77,7 @@ def spurious_importance(space, indices: list[int], session, batch_size: int) -> 
     for lo in range(0, len(indices), CANDIDATES_PER_CALL):
         chunk = indices[lo : lo + CANDIDATES_PER_CALL]
         keep = space.mask.flatten()[None].repeat(len(chunk), 1)
-        keep[torch.arange(len(chunk)), torch.tensor(chunk)] = False
+        keep[torch.arange(len(chunk), device=keep.device), torch.tensor(chunk, device=keep.device)] = False
         values = evaluator.circuit_values(keep.view(len(chunk), *space.mask.shape))
         result.update({index: float(sign * (value - full)) for index, value in zip(chunk, values.tolist())})
     return result
@@ -95,7 +95,7 @@ def rank_by_spurious(space, scores, membership, top: int, session, batch_size: i
     chosen = [i for i in ranked if importance[i] > 0][:top]
     if not chosen:
         raise UsageError(f"by=spurious: none of the {len(pool)} circuit {space.unit} lowers the spurious metric when ablated alone")
-    selected = torch.zeros(space.mask.numel(), dtype=torch.bool)
+    selected = torch.zeros(space.mask.numel(), dtype=torch.bool, device=space.mask.device)
     selected[chosen] = True
     selected = selected.view_as(space.mask)
     name = dict(zip(ranked, names_at(space, ranked)))

@@ -91,8 +91,8 @@ def read_tokens(path: Path, adapter) -> TokenSet:
     if isinstance(rows[0], str):
         return texts_tokens(rows, adapter.tokenizer, bos, length, str(path))
     width = max(len(r) for r in rows)
-    tokens = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long)
-    return TokenSet(tokens, torch.tensor([len(r) for r in rows]), str(path))
+    tokens = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long, device="cpu")
+    return TokenSet(tokens, torch.tensor([len(r) for r in rows], device="cpu"), str(path))
 
 
 def next_token_loss(tokens: TokenSet, batch_size: int, logits_of) -> tuple[float, int]:
@@ -101,16 +101,16 @@ def next_token_loss(tokens: TokenSet, batch_size: int, logits_of) -> tuple[float
     from circuitctl import distributed
 
     start, stop = distributed.shard_range(tokens.n)
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device="cpu")
     with torch.no_grad():
         for lo in range(start, stop, batch_size):
             hi = min(lo + batch_size, stop)
             ids, lengths = tokens.tokens[lo:hi], tokens.lengths[lo:hi]
             logits = logits_of(ids).float().cpu()
-            targets = ids[:, 1:]
-            real = torch.arange(1, ids.shape[1])[None] < lengths[:, None]
+            targets = ids[:, 1:].cpu()
+            real = torch.arange(1, ids.shape[1], device="cpu")[None] < lengths[:, None].cpu()
             losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
-            total += torch.tensor([float((losses * real).sum()), float(real.sum())], dtype=torch.float64)
+            total += torch.tensor([float((losses * real).sum()), float(real.sum())], dtype=torch.float64, device="cpu")
     total = distributed.all_reduce_sum(total)
     return float(total[0] / total[1].clamp(min=1)), int(total[1])
 

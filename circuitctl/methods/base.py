@@ -37,13 +37,14 @@ class DiscoveryContext:
     checkpoint: Checkpoint | None = None  # where long methods save resumable progress (None: no saving)
     resume: bool = False  # continue from `checkpoint` instead of starting over
     config_dir: Path | None = None  # where the config's relative paths (e.g. SAE directories) are read from
+    cache_gib: float | None = None  # device budget of the engines' batch caches (`circuitctl.patching.cache`)
 
     @property
     def graph(self) -> Graph:
         return self.adapter.graph
 
     def engine(self, batch_size: int, keep_cache: bool = False) -> PatchingEngine:
-        return PatchingEngine(self.adapter, self.data, self.metric, self.ablation, batch_size, keep_cache)
+        return PatchingEngine(self.adapter, self.data, self.metric, self.ablation, batch_size, keep_cache, cache_gib=self.cache_gib)
 
 
 @dataclass

@@ -46,7 +46,7 @@ def n_edges_for_percentage(percentage: float, n_edges: int) -> int:
 def top_edges(scores: torch.Tensor, edge_mask: torch.Tensor, k: int, absolute: bool) -> torch.Tensor:
     """Bool mask of the k real edges with the highest (|score| or signed score); ties by index."""
     key = scores.abs() if absolute else scores
-    key = torch.where(edge_mask, key.float(), torch.tensor(float("-inf")))
+    key = torch.where(edge_mask, key.float(), torch.tensor(float("-inf"), device="cpu"))
     flat = key.flatten()
     # stable ordering makes circuits reproducible when scores tie
     order = torch.sort(flat, descending=True, stable=True).indices[:k]
@@ -80,9 +80,9 @@ def roc_auc(scores: list[float], labels: list[bool]) -> float:
     neg = [s for s, y in zip(scores, labels) if not y]
     if not pos or not neg:
         return float("nan")
-    s = torch.tensor(scores, dtype=torch.float64)
+    s = torch.tensor(scores, dtype=torch.float64, device="cpu")
     ranks = _average_ranks(s)
-    y = torch.tensor(labels, dtype=torch.bool)
+    y = torch.tensor(labels, dtype=torch.bool, device="cpu")
     n_pos, n_neg = len(pos), len(neg)
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 

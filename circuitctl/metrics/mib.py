@@ -47,17 +47,17 @@ class ReferenceLayout:
             start = layer * (3 * H + 1)
             backward += list(range(start, start + 3 * H)) + ([start + 3 * H] if spec.has_mlps else [])
         backward.append(self.n_backward - 1)
-        self.forward = torch.tensor(forward)
-        self.backward = torch.tensor(backward)
+        self.forward = torch.tensor(forward, device="cpu")
+        self.backward = torch.tensor(backward, device="cpu")
         # real edges: every input reads the outputs before it (an MLP its own layer's heads unless parallel)
         prefix = []
         for layer in range(L):
             prefix += [1 + layer * (H + 1)] * (3 * H)
             prefix.append(1 + layer * (H + 1) + (0 if spec.parallel_attn_mlp else H))
         prefix.append(self.n_forward)
-        self.real = torch.arange(self.n_forward)[:, None] < torch.tensor(prefix)[None, :]
+        self.real = torch.arange(self.n_forward, device="cpu")[:, None] < torch.tensor(prefix, device="cpu")[None, :]
         # which backward inputs belong to which forward node (a head's q/k/v, an MLP's input)
-        self.forward_to_backward = torch.zeros(self.n_forward, self.n_backward, dtype=torch.bool)
+        self.forward_to_backward = torch.zeros(self.n_forward, self.n_backward, dtype=torch.bool, device="cpu")
         for layer in range(L):
             first, start = 1 + layer * (H + 1), layer * (3 * H + 1)
             for h in range(H):
@@ -67,7 +67,7 @@ class ReferenceLayout:
 
     def embed(self, values: torch.Tensor) -> torch.Tensor:
         """Our [U, V] tensor in the reference's [n_forward, n_backward] layout (zeros elsewhere)."""
-        out = torch.zeros(self.n_forward, self.n_backward, dtype=values.dtype)
+        out = torch.zeros(self.n_forward, self.n_backward, dtype=values.dtype, device="cpu")
         out[self.forward[:, None], self.backward[None, :]] = values
         return out
 
@@ -120,7 +120,7 @@ def mib_edge_circuits(graph: Graph, scores: torch.Tensor, absolute: bool) -> tup
     sizes, circuits = [], []
     for fraction in FRACTIONS:
         n = int(fraction * n_edges)
-        in_graph = torch.zeros(layout.n_forward * layout.n_backward, dtype=torch.bool)
+        in_graph = torch.zeros(layout.n_forward * layout.n_backward, dtype=torch.bool, device="cpu")
         in_graph[order[:n]] = True
         in_graph = in_graph.view(layout.n_forward, layout.n_backward)
         in_graph = evaluated_circuit(in_graph, _nodes_with_edges(in_graph, layout), layout)
@@ -133,16 +133,16 @@ def mib_node_circuits(graph: Graph, scores: torch.Tensor, absolute: bool) -> tup
     """Node circuits [10, U] at MIB's fractions: the top int(fraction * n_nodes) scored nodes, every
     outgoing edge of a kept node, then the reference's pruning; a node stays if one of its edges does."""
     layout = ReferenceLayout(graph)
-    node_scores = torch.full((layout.n_forward,), -torch.inf)
+    node_scores = torch.full((layout.n_forward,), -torch.inf, device="cpu")
     node_scores[layout.forward] = (scores.abs() if absolute else scores).float().cpu()
-    scored = torch.zeros(layout.n_forward, dtype=torch.bool)
+    scored = torch.zeros(layout.n_forward, dtype=torch.bool, device="cpu")
     scored[layout.forward] = True  # MLP nodes of an attention-only model are unscored (NaN in the reference)
     order = torch.argsort(node_scores, descending=True)
     n_nodes = int(scored.sum())
     sizes, circuits = [], []
     for fraction in FRACTIONS:
         n = int(fraction * n_nodes)
-        nodes = torch.zeros(layout.n_forward, dtype=torch.bool)
+        nodes = torch.zeros(layout.n_forward, dtype=torch.bool, device="cpu")
         nodes[order[:n]] = True
         nodes |= ~scored  # unscored nodes always stay (the reference's rule)
         in_graph = evaluated_circuit(layout.real & nodes[:, None], nodes, layout)

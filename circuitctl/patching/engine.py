@@ -25,6 +25,7 @@ import torch
 
 from circuitctl import distributed
 from circuitctl.batching import BatchSizer
+from circuitctl.patching.cache import BatchCache
 from circuitctl.config.schema import AblationConfig
 from circuitctl.errors import UsageError
 from circuitctl.metrics.metrics import Metric
@@ -53,6 +54,19 @@ class BatchState:
         extras = {key: _rows(value, start, stop) for key, value in self.extras.items()}
         return BatchState(self.batch.slice(start, stop), clean, _rows(self.ablation_outputs, start, stop), extras)
 
+    def to(self, device: torch.device, pin: bool = False) -> "BatchState":
+        """This batch on `device` (pinned host memory with `pin`, for fast copies back to a GPU)."""
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            t = t.to(device, non_blocking=True)
+            return t.pin_memory() if pin else t
+
+        clean = Capture(move(self.clean.outputs), move(self.clean.resid), move(self.clean.logits))
+        extras = {key: move(value) for key, value in self.extras.items()}
+        return BatchState(self.batch.to(device), clean, move(self.ablation_outputs), extras)
+
 
 def _rows(tensor: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
     """Examples start..stop-1 along dim 1 (a size-1 dim 1 is shared by every example)."""
@@ -71,6 +85,7 @@ class PatchingEngine:
         batch_size: int,
         keep_cache: bool = False,
         node_ablation: bool = True,
+        cache_gib: float | None = None,
     ) -> None:
         self.adapter = adapter
         self.graph = adapter.graph
@@ -80,9 +95,11 @@ class PatchingEngine:
         self.batch_size = batch_size
         self.keep_cache = keep_cache
         self.node_ablation = node_ablation  # False: the batches carry no edge-level ablation outputs
+        self.cache_gib = cache_gib  # device budget of the batch cache (`circuitctl.patching.cache`)
+        self.cache: BatchCache | None = None
         self.sizer = BatchSizer(batch_size, "the patching engine")  # halves on out-of-memory errors
-        self._cache: list[BatchState] | None = None
-        self._local_cache: list[BatchState] | None = None
+        self._cache: _Batches | None = None
+        self._local_cache: _Batches | None = None
         self._means: torch.Tensor | None = None
         self._clean_value: float | None = None
 
@@ -131,16 +148,9 @@ class PatchingEngine:
     def states(self) -> Iterator[BatchState]:
         """Every batch of the dataset (cached with keep_cache). For consumers that sum over the
         whole dataset themselves; under torchrun each rank then computes everything."""
-        if self._cache is not None:
-            yield from self._cache
-            return
-        states = []
-        for state in self.sizer.map(self.data, self.batch_state):
-            if self.keep_cache:
-                states.append(state)
-            yield state
-        if self.keep_cache:
-            self._cache = states
+        if self._cache is None:
+            self._cache = self._fill(self.data)
+        yield from self._cache.batches()
 
     def local_states(self) -> Iterator[BatchState]:
         """This rank's batches (all of them in a single process): sums over them must be
@@ -148,16 +158,12 @@ class PatchingEngine:
         if distributed.world_size() == 1:
             yield from self.states()
             return
-        if self._local_cache is not None:
-            yield from self._local_cache
-            return
-        states = []
-        for state in self.sizer.map(distributed.shard(self.data), self.batch_state):
-            if self.keep_cache:
-                states.append(state)
-            yield state
-        if self.keep_cache:
-            self._local_cache = states
+        if self._local_cache is None:
+            self._local_cache = self._fill(distributed.shard(self.data))
+        yield from self._local_cache.batches()
+
+    def _fill(self, data: TaskData) -> "_Batches":
+        return _Batches(self, data)
 
     def n_local_batches(self) -> int:
         """How many batches `local_states` yields at the starting batch size (for progress bars)."""
@@ -193,7 +199,7 @@ class PatchingEngine:
         `logits_of(piece, masks[lo:hi]) -> [k, b, vocab]` runs one piece of a batch with `chunk`
         masks at a time; `prepare(state)` adds what a kind of circuit needs per batch (its extras)."""
         K = masks.shape[0]
-        totals = torch.zeros(K, dtype=torch.float64)
+        totals = torch.zeros(K, dtype=torch.float64, device="cpu")
         for state in self.local_states():
             if prepare is not None:
                 state = prepare(state)
@@ -216,7 +222,7 @@ class PatchingEngine:
         for every example of the dataset in its order (as `values`, without the mean): each rank
         fills its `distributed.shard_range` share of a zero tensor, then the ranks all-reduce it."""
         K = masks.shape[0]
-        per_example = torch.zeros(K, self.data.n, dtype=torch.float64)
+        per_example = torch.zeros(K, self.data.n, dtype=torch.float64, device="cpu")
         offset, _ = distributed.shard_range(self.data.n)
         for state in self.local_states():
             if prepare is not None:
@@ -252,11 +258,42 @@ class PatchingEngine:
 
     def clean_value(self) -> float:
         if self._clean_value is None:
-            total = torch.zeros((), dtype=torch.float64)
+            total = torch.zeros((), dtype=torch.float64, device="cpu")
             for state in self.local_states():
                 total += self.metric_of_logits(state.clean.logits, state).double().sum().cpu()
             self._clean_value = float(distributed.all_reduce_sum(total)) / self.data.n
         return self._clean_value
+
+
+class _Batches:
+    """The batches of one dataset share, computed on first use; with keep_cache, kept for the
+    next uses in the engine's `BatchCache` (on the device, on the host, or recomputed)."""
+
+    def __init__(self, engine: PatchingEngine, data: TaskData) -> None:
+        self.engine, self.data = engine, data
+        self.kept: list | None = None
+
+    def batches(self) -> Iterator[BatchState]:
+        engine = self.engine
+        if self.kept is not None:
+            for entry in self.kept:
+                yield entry.get()
+            return
+        if not engine.keep_cache:
+            yield from engine.sizer.map(self.data, engine.batch_state)
+            return
+        if engine.cache is None:
+            engine.cache = BatchCache(engine.adapter.device, engine.cache_gib)
+        kept = []
+        for piece, state in engine.sizer.map(self.data, lambda piece: (piece, engine.batch_state(piece))):
+            kept.append(engine.cache.keep(state, lambda piece=piece: engine.batch_state(piece)))
+            yield state
+        self.kept = kept
+        note_text = engine.cache.note()
+        if note_text:
+            from circuitctl.batching import note
+
+            note(note_text)
 
 
 def check_finite(tensor: torch.Tensor, what: str) -> None:

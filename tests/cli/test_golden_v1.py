@@ -19,6 +19,8 @@ CHANGED = {
     ("config_hash",), ("config", "selection", "reselect"), ("selection", "reselect"),  # new selection switch
     ("results", "unit"), ("results", "chosen_by"),  # new: the counted unit, the rule that chose the circuit
     ("task", "origin"), ("config", "output"),  # where the task file and the run directory are
+    ("config", "explain"),  # new: explain the circuit at the end of discover
+    ("config", "cache_gib"),  # new: the batch cache's device budget
 }
 
 
@@ -50,7 +52,10 @@ def test_the_demo_writes_the_files_it_wrote_before(tmp_path):
     for item in mib_old["nodes"].values():
         assert item.pop("score") is None
     assert (new / "circuit.mib.json").read_text() == json.dumps(mib_old, indent=1) + "\n"
-    assert (new / "circuit.dot").read_bytes() == (old / "circuit.dot").read_bytes()
+    from circuitctl.explain.drawing import without_labels
+
+    assert without_labels((new / "circuit.dot").read_text()) == (old / "circuit.dot").read_text()  # + explain's labels
+    assert (new / "explanation.json").is_file()
     record = json.loads((new / "circuit.json").read_text())
     assert record["schema_version"] == 2 and record["space"] == {"kind": "edge"}
     assert without_changes(record) == without_changes(json.loads((old / "circuit.json").read_text()))

@@ -77,7 +77,7 @@ def test_removing_a_discovered_circuit_destroys_its_task_and_leaves_another_head
     assert second["faithfulness"] == pytest.approx(1.0, abs=1e-6) and second["accuracy_after"] == 1.0
     assert second["metric_after"] == pytest.approx(second["metric_before"], abs=1e-6)
     table = (out / "intervention.md").read_text()
-    assert "| planted-copy-first | logit\\_diff | +5.000 | -5.000 | 0.000 | 1.000 | 0.000 |" in table
+    assert "| planted\\-copy\\-first | logit\\_diff | +5.000 | -5.000 | 0.000 | 1.000 | 0.000 |" in table
     assert (out / "intervention.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # never overwritten without --force
     before = (out / "intervention.json").read_text()

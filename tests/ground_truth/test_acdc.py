@@ -408,3 +408,31 @@ def test_checkpoints_are_written_while_running(planted_world, monkeypatch):
     assert len(saved) > 3
     positions = [s["active"]["position"] for s in saved if s["active"]]
     assert positions == sorted(positions) and positions[-1] > positions[0]
+
+
+def test_a_relative_tau_is_a_fraction_of_the_clean_ablated_gap():
+    from circuitctl.methods.acdc import metric_gap
+
+    _, context = planted_context("layernorm_mlp")
+    gap = metric_gap(context.engine(8, keep_cache=True))
+    assert gap > 1.0
+    relative = acdc.discover(context, AcdcSettings(tau=0.1, tau_mode="relative", batch_size=8))
+    absolute = acdc.discover(context, AcdcSettings(tau=0.1 * gap, batch_size=8))
+    assert torch.equal(relative.membership, absolute.membership) and torch.equal(relative.scores, absolute.scores)
+    assert relative.extra["tau_abs"] == pytest.approx(0.1 * gap)
+
+
+def test_a_method_keeps_its_own_circuit_unless_asked_to_reselect(tmp_path):
+    """The demo config has selection.top_n: 40; switched to ACDC it must give ACDC's circuit (issue 14)."""
+    from circuitctl.config.load import load_config
+    from circuitctl.runner import discover
+    from circuitctl.resources import SHIPPED_CONFIGS
+
+    config = SHIPPED_CONFIGS / "planted-layernorm-mlp-eap.yaml"  # selection: top_n: 10
+    own = discover(load_config(config, ["method.name=acdc", f"output.dir={tmp_path / 'own'}"]), config.parent)
+    assert own.chosen_by == "acdc's own circuit" and own.n_in_circuit != 10
+    assert any("selection.top_n: 10 was not applied" in note for note in own.notes)
+    again = discover(load_config(config, ["method.name=acdc", "selection.reselect=true", f"output.dir={tmp_path / 're'}"]), config.parent)
+    assert again.chosen_by.startswith("the top 10 edges by |score|") and again.n_in_circuit <= 10
+    record = json.loads((tmp_path / "own" / "circuit.json").read_text())
+    assert record["results"]["chosen_by"] == "acdc's own circuit"

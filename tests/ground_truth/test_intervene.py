@@ -30,18 +30,26 @@ from circuitctl.models.adapter import ModelAdapter
 from circuitctl.patching.engine import PatchingEngine
 from circuitctl.tasks.data import tokenize_pairs
 from circuitctl.tasks.records import pair_from_record
-from helpers import second_token_records
+from helpers import planted_module, second_token_records
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LOGIT_DIFF = METRICS.get("logit_diff")
 
 
 def planted(name: str):
-    """(PlantedCircuit, ModelAdapter): the one place this file reaches the planted models."""
-    from circuitctl.testing.planted import build, build_model
+    """(PlantedCircuit, ModelAdapter) on the device tier's device: the one place this file builds models."""
+    from conftest import DEVICE
 
-    pc = build(name)
-    return pc, ModelAdapter(build_model(pc))
+    module = planted_module()
+    pc = module.build(name)
+    return pc, ModelAdapter(module.build_model(pc).to(DEVICE))
+
+
+def answer_logits(model, data) -> torch.Tensor:
+    """A plain forward pass's logits at the answer positions, on the model's device."""
+    device = model.W_U.device
+    with torch.no_grad():
+        return model(data.clean.to(device))[torch.arange(data.n, device=device), data.answer_positions.to(device)]
 
 
 def task_data(records: list[dict], adapter, origin: str = "test"):
@@ -114,9 +122,9 @@ def test_per_example_values_are_the_hooked_model_s_and_average_to_circuit_values
 
     model = adapter.model
     hooks = [(f"blocks.{layer}.attn.hook_z", zero_heads) for layer in (0, 1)]
-    with torch.no_grad():
-        plain = model(data.clean)[torch.arange(data.n), data.answer_positions]
-        hooked = model.run_with_hooks(data.clean, fwd_hooks=hooks)[torch.arange(data.n), data.answer_positions]
+    plain = answer_logits(model, data).cpu()
+    with model.hooks(fwd_hooks=hooks):
+        hooked = answer_logits(model, data).cpu()
     assert torch.allclose(values[0].float(), LOGIT_DIFF(plain, data), atol=1e-5)
     assert torch.allclose(values[1].float(), LOGIT_DIFF(hooked, data), atol=1e-5)
     assert not torch.allclose(values[0], values[1])  # the ablation matters
@@ -137,7 +145,7 @@ def _patched_logits(space, keep, adapter, data, ablation) -> torch.Tensor:
     rows = []
     for state in evaluator.engine.local_states():
         state = evaluator.patcher.prepare(state)
-        rows.append(evaluator.patcher.logits(state, keep[None])[0])
+        rows.append(evaluator.patcher.logits(state, keep[None].to(adapter.device))[0].cpu())
     return torch.cat(rows)
 
 
@@ -146,9 +154,7 @@ def _exported_logits(tmp_path, adapter, changes, data) -> torch.Tensor:
     from circuitctl.models.adapter import load_model
 
     export_checkpoint(tmp_path / "edited", adapter.model, changes, None, {"edits": sorted(changes)})
-    edited = load_model(None, tmp_path / "edited", "cpu")
-    with torch.no_grad():
-        return edited(data.clean)[torch.arange(data.n), data.answer_positions]
+    return answer_logits(load_model(None, tmp_path / "edited", str(adapter.device)), data).cpu()
 
 
 @pytest.mark.parametrize(
@@ -170,16 +176,13 @@ def test_an_exported_checkpoint_reproduces_the_in_memory_intervention(tmp_path, 
     changes = weight_changes(space, ablated, adapter.model, ablation_means(space, engine))
     in_memory = _patched_logits(space, space.mask & ~ablated, adapter, data, ablation)
     exported = _exported_logits(tmp_path, adapter, changes, data)
-    with torch.no_grad():
-        clean = adapter.model(data.clean)[torch.arange(data.n), data.answer_positions]
+    clean = answer_logits(adapter.model, data).cpu()
     assert (in_memory - clean).abs().max() > 0.1  # the edit changes the logits
     assert (exported - in_memory).abs().max() <= 1e-5  # float32 rounding of a sum taken in another order
     with weights_edited(adapter.model, changes):  # the same edit applied in place ...
-        with torch.no_grad():
-            inplace = adapter.model(data.clean)[torch.arange(data.n), data.answer_positions]
+        inplace = answer_logits(adapter.model, data).cpu()
     assert torch.equal(inplace, exported)
-    with torch.no_grad():  # ... and undone exactly
-        assert torch.equal(adapter.model(data.clean)[torch.arange(data.n), data.answer_positions], clean)
+    assert torch.equal(answer_logits(adapter.model, data).cpu(), clean)  # ... and undone exactly
 
 
 def test_edits_that_no_weight_can_hold_are_refused():
@@ -233,7 +236,7 @@ def test_text_loss_of_a_head_edit_equals_the_hooked_model_s_loss(tmp_path):
     space = NodeSpace(adapter.graph)
     changes = weight_changes(space, mask_of(space, ["a1.h0"], "test"), adapter.model, None)
     with weights_edited(adapter.model, changes):
-        edited, n = next_token_loss(tokens, 4, lambda ids: adapter.model(ids))
+        edited, n = next_token_loss(tokens, 4, lambda ids: adapter.model(ids.to(adapter.device)))
 
     def zero_head(z, hook):
         z[:, :, 0] = 0
@@ -242,9 +245,9 @@ def test_text_loss_of_a_head_edit_equals_the_hooked_model_s_loss(tmp_path):
     total, count = 0.0, 0
     with torch.no_grad():
         for row in lines:  # one sequence at a time, no padding: an independent reference
-            ids = torch.tensor([row])
+            ids = torch.tensor([row], device=adapter.device)
             logits = adapter.model.run_with_hooks(ids, fwd_hooks=[("blocks.1.attn.hook_z", zero_head)])
-            total += float(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum"))
+            total += float(torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum"))
             count += len(row) - 1
     assert n == count
     assert edited == pytest.approx(total / count, rel=1e-5)
@@ -295,15 +298,15 @@ def test_text_loss_of_a_feature_edit_equals_the_hooked_model_s_loss(tmp_path):
     session = type(session)(session.config.model_copy(update={"ablation": AblationConfig(type="zero")}), adapter, session.data, LOGIT_DIFF, session.task)
     runner = SiteRunner(adapter.model, space.saes)
     edits = feature_edits(space, keep, session.config.ablation, session, 4)
-    edited, n = next_token_loss(tokens, 4, lambda ids: runner.forward(ids, None, edits))
+    edited, n = next_token_loss(tokens, 4, lambda ids: runner.forward(ids.to(adapter.device), None, edits))
     removed = {}
     for name in names:
         site, feature = name.split("/f")
         removed.setdefault(by_name[site], []).append(int(feature))
-    ids = torch.tensor(lines)
+    ids = torch.tensor(lines, device=adapter.device)
     with torch.no_grad():
-        plain = adapter.model(ids)
-        hooked = adapter.model.run_with_hooks(ids, fwd_hooks=zero_features_hooks(space, removed))
+        plain = adapter.model(ids).float()
+        hooked = adapter.model.run_with_hooks(ids, fwd_hooks=zero_features_hooks(space, removed)).float()
     reference = torch.nn.functional.cross_entropy(hooked[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     before = torch.nn.functional.cross_entropy(plain[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     assert n == ids[:, 1:].numel()
@@ -325,12 +328,49 @@ def test_spurious_importance_of_features_is_their_exact_single_ablation_effect()
     indices = [space.index_of(n) for n in names]
     importance = spurious_importance(space, indices, session, 8)
     spurious = task_data([{**r, "answers": r["spurious_answers"], "wrong_answers": r["spurious_wrong_answers"]} for r in records], adapter)
-    rows = torch.arange(spurious.n)
-    with torch.no_grad():
-        full = LOGIT_DIFF(adapter.model(spurious.clean)[rows, spurious.answer_positions], spurious).double().mean()
-        for name, index in zip(names, indices):
-            site, feature = name.split("/f")
-            hooked = adapter.model.run_with_hooks(spurious.clean, fwd_hooks=zero_features_hooks(space, {sites[site]: [int(feature)]}))
-            ablated = LOGIT_DIFF(hooked[rows, spurious.answer_positions], spurious).double().mean()
-            assert importance[index] == pytest.approx(float(full - ablated), abs=1e-4), name
+    full = LOGIT_DIFF(answer_logits(adapter.model, spurious).cpu(), spurious).double().mean()
+    for name, index in zip(names, indices):
+        site, feature = name.split("/f")
+        with adapter.model.hooks(fwd_hooks=zero_features_hooks(space, {sites[site]: [int(feature)]})):
+            ablated = LOGIT_DIFF(answer_logits(adapter.model, spurious).cpu(), spurious).double().mean()
+        assert importance[index] == pytest.approx(float(full - ablated), abs=1e-4), name
     assert max(abs(v) for v in importance.values()) > 1e-2  # some features matter to the spurious answers
+
+
+def test_every_tensor_an_intervention_creates_is_placed_on_purpose(tmp_path):
+    """As tests/ground_truth/test_device_placement.py does for the methods: with the default device
+    set to `meta`, a tensor created without a device fails where it meets the model's (as on a GPU)."""
+    from test_device_placement import tensors_without_a_device_are_meta
+
+    from circuitctl.interventions.spurious import spurious_importance
+    from circuitctl.interventions.text import feature_edits, next_token_loss, read_tokens
+    from circuitctl.models.sae_sites import SiteRunner
+
+    pc, adapter = planted("mlp_neurons")
+    data = task_data(pc.pairs, adapter)
+    records = [{**r, "spurious_answers": [r["clean"][-1]], "spurious_wrong_answers": r["answers"]} for r in pc.pairs]
+    session = _session(adapter, records)
+    (tmp_path / "tokens.jsonl").write_text("[1, 2, 3, 4]\n[5, 6, 7]\n")
+    spaces = {"node": NodeSpace(adapter.graph), "neuron": NeuronSpace(adapter.graph, adapter.cfg.d_mlp), "feature": feature_space(adapter)}
+    keeps = {kind: space.mask & ~_second_unit(space) for kind, space in spaces.items()}  # the first node is `input`
+    for ablation in ("resample", "zero", "mean"):
+        for kind, space in spaces.items():
+            with tensors_without_a_device_are_meta():
+                effect(space, keeps[kind], adapter, data, ablation)
+        engine = PatchingEngine(adapter, data, LOGIT_DIFF, AblationConfig(type=ablation, per_position=False), 8)
+        with tensors_without_a_device_are_meta():
+            if ablation != "resample":
+                weight_changes(spaces["neuron"], ~keeps["neuron"], adapter.model, ablation_means(spaces["neuron"], engine))
+                weight_changes(spaces["node"], ~keeps["node"], adapter.model, ablation_means(spaces["node"], engine))
+    tokens = read_tokens(tmp_path / "tokens.jsonl", adapter)
+    runner = SiteRunner(adapter.model, spaces["feature"].saes)
+    with tensors_without_a_device_are_meta():
+        spurious_importance(spaces["node"], [1, 2], session, 8)
+        edits = feature_edits(spaces["feature"], keeps["feature"], AblationConfig(type="mean"), session, 8)
+        next_token_loss(tokens, 2, lambda ids: runner.forward(ids.to(adapter.device), None, edits))
+
+
+def _second_unit(space) -> torch.Tensor:
+    one = torch.zeros(space.mask.numel(), dtype=torch.bool)
+    one[1] = True
+    return one.view_as(space.mask)

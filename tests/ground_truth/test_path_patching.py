@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from conftest import random_model, random_tokens
+from conftest import DEVICE, random_model, random_tokens
 
 from circuitctl.config.methods import PathPatchingSettings
 from circuitctl.config.schema import AblationConfig
@@ -46,7 +46,7 @@ def _induction_labels(record: dict) -> dict:
 
 def planted_context(name: str, labelled: bool = False):
     pc = build(name)
-    model = build_model(pc)
+    model = build_model(pc).to(DEVICE)
     adapter = ModelAdapter(model)
     records = [_induction_labels(r) if labelled else r for r in pc.pairs]
     data = tokenize_pairs([pair_from_record(r, "t") for r in records], None, adapter.d_vocab, None, "t")

@@ -88,3 +88,14 @@ def test_every_shipped_config_passes_circuitctl_validate(path):
         assert load_config(path).model.name
     else:
         assert out.returncode == 0, out.stderr
+
+
+def test_a_config_validates_its_own_dump():
+    """`RunConfig.model_validate(config.to_plain())` gives the same config, method settings included."""
+    from circuitctl.config.load import load_config
+    from circuitctl.config.methods import AcdcSettings
+    from circuitctl.config.schema import RunConfig
+
+    config = load_config(ROOT / "configs" / "demo.yaml", ["method.name=acdc", "method.tau=[0.1,0.2]", "method.tau_mode=relative"])
+    again = RunConfig.model_validate(config.to_plain())
+    assert again == config and isinstance(again.method, AcdcSettings) and again.method.tau == [0.1, 0.2]

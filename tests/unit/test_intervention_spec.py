@@ -106,5 +106,5 @@ def test_the_markdown_table_escapes_names():
     record = {"spec": "runs/a|b", "mode": "remove", "rule": "r", "ablation": {"type": "zero"}, "ablated": ["a0.h0->a1.h0<v>"],
               "n_ablated": 1, "n_total": 9, "unit": "edges", "tasks": {"my|task<script>": task}}
     text = markdown(record)
-    assert "my\\|task\\<script\\>" in text and "<script>" not in text and "runs/a\\|b" in text
-    assert "| undefined |" in text and "a0.h0->a1.h0<v>" not in text
+    assert "my\\|task&lt;script&gt;" in text and "<script>" not in text and "runs/a\\|b" in text
+    assert "| undefined |" in text and "a0.h0->a1.h0<v>" not in text and "a0\\.h0\\-&gt;a1\\.h0&lt;v&gt;" in text

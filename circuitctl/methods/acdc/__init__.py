@@ -113,8 +113,8 @@ class Progress:
     @classmethod
     def start(cls, graph: Graph, current: float) -> "Progress":
         shape = (graph.n_upstream, graph.n_downstream)
-        zeros = torch.zeros(shape, dtype=torch.bool)
-        return cls(0, 0, current, zeros, torch.zeros(shape, dtype=torch.float64), zeros.clone())
+        zeros = torch.zeros(shape, dtype=torch.bool, device="cpu")
+        return cls(0, 0, current, zeros, torch.zeros(shape, dtype=torch.float64, device="cpu"), zeros.clone())
 
     def to_checkpoint(self, prefix: str, ops: list) -> tuple[dict, dict]:
         state = {
@@ -207,9 +207,9 @@ class Search:
         history, predicted = dict(progress.history), dict(progress.predicted)
         guess = [predicted.get(u, self._prior(history, u, v)) for u in chunk]
         K = len(chunk)
-        ablate = torch.eye(K, dtype=torch.bool)
+        ablate = torch.eye(K, dtype=torch.bool, device="cpu")
         for k in range(K):
-            ablate[k, :k] = torch.tensor(guess[:k], dtype=torch.bool)
+            ablate[k, :k] = torch.tensor(guess[:k], dtype=torch.bool, device="cpu")
         current, removals = progress.current, []
         scores, tested = progress.scores.clone(), progress.tested.clone()
         values: list[float] = []
@@ -284,7 +284,23 @@ def make_search(context: DiscoveryContext, engine: PatchingEngine, settings: Acd
         raise UsageError(f"method.evaluator: 'incremental' cannot handle this model ({reason}); use 'auto' or 'layerwise'")
     if settings.evaluator == "layerwise" or reason:
         return LayerwiseSearch(engine), "layerwise" + (f" (model has {reason})" if reason else "")
+    if settings.evaluator == "auto" and not incremental_fits(context, engine):
+        return LayerwiseSearch(engine), "layerwise (the incremental tables exceed the cache budget: batches are streamed)"
     return IncrementalSearch(engine, NodeComputer(context.adapter)), "incremental"
+
+
+def incremental_fits(context: DiscoveryContext, engine: PatchingEngine) -> bool:
+    """Whether the incremental evaluator's tables (every example's clean, ablation, difference and
+    current node outputs, beside the engine's cached runs) fit the batch cache's device budget; if
+    not, the layerwise evaluator streams the batches through the cache instead."""
+    from circuitctl import distributed
+    from circuitctl.patching.cache import BatchCache
+
+    cfg, graph = context.adapter.cfg, context.graph
+    examples = distributed.shard(context.data).n
+    per_example = context.data.clean.shape[1] * cfg.d_model * context.adapter.dtype.itemsize
+    tables = examples * per_example * (4 * graph.n_upstream + cfg.n_layers + 1)
+    return tables <= BatchCache(context.adapter.device, engine.cache_gib).device_budget
 
 
 def tau_label(tau: float) -> str:

@@ -89,7 +89,7 @@ class _Batch:
         self.current = clean.outputs.clone()  # node outputs in the current circuit
         for name in ("clean", "ablation", "clean_minus_ablation", "current"):
             setattr(self, name + "_ans", self.at(getattr(self, name), ANSWER).clone())
-        self.differs = torch.zeros(graph.n_upstream, dtype=torch.bool)  # current output != clean output
+        self.differs = torch.zeros(graph.n_upstream, dtype=torch.bool, device="cpu")  # current output != clean output
         self.inputs: dict[tuple[int, int], torch.Tensor] = {}  # (v, where) -> current input of v
         self.projections: dict[tuple[int, str, int], torch.Tensor] = {}  # (node, channel, where) -> q/k/v
         self.repeated: dict[int, tuple] = {}  # K -> (batch, reference logits) repeated K times
@@ -147,7 +147,7 @@ class IncrementalSearch:
             if not self.removed.any():
                 self._value = self.engine.clean_value()
             else:
-                total = torch.zeros((), dtype=torch.float64)
+                total = torch.zeros((), dtype=torch.float64, device="cpu")
                 for b in self.batches:
                     logits = self.computer.logits(self._input(b, self.graph.logits_index, ANSWER)[:, 0])
                     total += self.engine.metric_of_logits(logits, b.state).double().sum().cpu()
@@ -162,8 +162,8 @@ class IncrementalSearch:
 
     def _compute_where_needed(self) -> tuple[torch.Tensor, torch.Tensor]:
         g = self.graph
-        need_in = torch.zeros(g.n_downstream, dtype=torch.long)
-        need_node = torch.zeros(g.n_upstream, dtype=torch.long)
+        need_in = torch.zeros(g.n_downstream, dtype=torch.long, device="cpu")
+        need_node = torch.zeros(g.n_upstream, dtype=torch.long, device="cpu")
 
         def set_node(node: int, where: int) -> None:
             for v in self.inputs_of.get(node, []):
@@ -297,7 +297,7 @@ class IncrementalSearch:
         """Mean metric [K] with, in trial k, the edges sources[j] -> v with ablate[k, j] removed too."""
         need = self._where_needed()
         K = ablate.shape[0]
-        totals = torch.zeros(K, dtype=torch.float64)
+        totals = torch.zeros(K, dtype=torch.float64, device="cpu")
         for b in self.batches:
             final, _ = self._trial(b, v, sources, ablate, need)
             # the final residual, not the logits: 60x smaller for GPT-2, and NaN reaches both
@@ -313,7 +313,7 @@ class IncrementalSearch:
     def commit(self, v: int, sources: list[int]) -> None:
         """Remove the edges sources -> v and bring every node output up to date."""
         need = self._where_needed()
-        ones = torch.ones(1, len(sources), dtype=torch.bool)
+        ones = torch.ones(1, len(sources), dtype=torch.bool, device="cpu")
         for b in self.batches:
             _, changed = self._trial(b, v, sources, ones, need)
             for node, (where, out) in changed.items():

@@ -103,16 +103,16 @@ def node_contributions(
     U, B, P = deltas.shape[:3]
     n_positions = int(run.positions.max()) + 1  # later positions cannot reach any answer
     streams = _streams(deltas, graph, settings.per_position, n_positions)
-    contrib = torch.zeros(U, B, P if settings.per_position else 1, dtype=torch.float64)
+    contrib = torch.zeros(U, B, P if settings.per_position else 1, dtype=torch.float64, device="cpu")
     cost = 0.0
     for lo in range(0, len(streams), settings.sources_per_pass):
         chunk = streams[lo : lo + settings.sources_per_pass]
-        sources = torch.zeros(len(chunk), U, dtype=torch.bool)
+        sources = torch.zeros(len(chunk), U, dtype=torch.bool, device="cpu")
         for s, (u, _) in enumerate(chunk):
             sources[s, u] = True
         positions = None
         if settings.per_position:
-            positions = torch.zeros(len(chunk), P, dtype=torch.bool)
+            positions = torch.zeros(len(chunk), P, dtype=torch.bool, device="cpu")
             for s, (_, p) in enumerate(chunk):
                 positions[s, p] = True
         out = decomposer.propagate(run, deltas, sources, positions, columns=score.columns)
@@ -142,7 +142,7 @@ def edge_scores(
     """Summed (over the batch) edge scores [U, V] and the cost in forward-pass equivalents."""
     graph, L = decomposer.graph, decomposer.cfg.n_layers
     directions = decomposer.target_directions(deltas, weights)
-    sums = torch.zeros(graph.n_upstream, graph.n_downstream, dtype=torch.float64)
+    sums = torch.zeros(graph.n_upstream, graph.n_downstream, dtype=torch.float64, device="cpu")
     cost = 0.0
     per_layer = 2.0 if decomposer.qk == "irrelevant_first" else 1.0
     for lo in range(0, graph.n_upstream, settings.sources_per_pass):
@@ -213,7 +213,7 @@ def _batch_sums(context: DiscoveryContext, settings: CdtSettings, decomposer: De
     edges, cost_edges = edge_scores(decomposer, run, deltas, weights, score, settings)
     # the whole input as one source: the total effect (per-position contributions of a
     # node need not add up to it: the decomposition is not linear)
-    whole = torch.zeros(1, graph.n_upstream, dtype=torch.bool)
+    whole = torch.zeros(1, graph.n_upstream, dtype=torch.bool, device="cpu")
     whole[0, 0] = True
     out = decomposer.propagate(run, deltas, whole, columns=score.columns)
     return _Sums(
@@ -231,8 +231,8 @@ def discover(context: DiscoveryContext, settings: CdtSettings) -> DiscoveryResul
     qk = settings.qk_rule if settings.decompose_qk else None
     decomposer = Decomposer(context.adapter, bias=settings.bias, qk=qk)
     engine = context.engine(settings.batch_size)
-    zeros = torch.zeros(graph.n_upstream, graph.n_downstream, dtype=torch.float64)
-    sums = _Sums(0, zeros, torch.zeros(graph.n_upstream, dtype=torch.float64), 0.0, 0.0)
+    zeros = torch.zeros(graph.n_upstream, graph.n_downstream, dtype=torch.float64, device="cpu")
+    sums = _Sums(0, zeros, torch.zeros(graph.n_upstream, dtype=torch.float64, device="cpu"), 0.0, 0.0)
 
     def snapshot() -> tuple[dict, dict]:
         return sums.to_checkpoint(context.data.n)

@@ -224,7 +224,7 @@ class Progress:
         }
         tensors = {
             "paths": _path_table([path for path, _ in scored]),
-            "scores": torch.tensor([score for _, score in scored], dtype=torch.float64),
+            "scores": torch.tensor([score for _, score in scored], dtype=torch.float64, device="cpu"),
             "kept": _path_table(found.kept[: self.n_kept]),
         }
         return state, tensors
@@ -247,7 +247,7 @@ class Progress:
 
 def _path_table(paths: list[PathEdge]) -> torch.Tensor:
     """[N, 4] int64: sender, sender slot, receiver input, receiver slot."""
-    return torch.tensor([astuple(p) for p in paths], dtype=torch.int64).reshape(len(paths), 4)
+    return torch.tensor([astuple(p) for p in paths], dtype=torch.int64, device="cpu").reshape(len(paths), 4)
 
 
 class _Saver:
@@ -285,7 +285,7 @@ def batched_evaluator(
     n = context.data.n
 
     def evaluate(circuit: Sequence[PathEdge], sources: Sequence[Source], description: str) -> torch.Tensor:
-        totals = torch.zeros(len(sources), dtype=torch.float64)
+        totals = torch.zeros(len(sources), dtype=torch.float64, device="cpu")
         chunks = range(0, len(sources), senders_per_pass)
         with bar(description, len(chunks) * len(patchers)) as advance:
             for lo in chunks:
@@ -311,8 +311,8 @@ def _node_name(graph: Graph, node: tuple[int, int], slots: PositionLayout) -> st
 
 def positional_scores(pgraph, found: PositionalCircuit) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores and membership [G, G, U, V] of the per-position graph: every tested path, the kept ones."""
-    scores = torch.zeros(pgraph.edge_mask.shape, dtype=torch.float32)
-    membership = torch.zeros(pgraph.edge_mask.shape, dtype=torch.bool)
+    scores = torch.zeros(pgraph.edge_mask.shape, dtype=torch.float32, device="cpu")
+    membership = torch.zeros(pgraph.edge_mask.shape, dtype=torch.bool, device="cpu")
     for path, score in found.scores.items():
         scores[path.sender_slot, path.receiver_slot, path.sender, path.receiver_input] = score
     for path in found.kept:
