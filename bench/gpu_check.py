@@ -82,6 +82,7 @@ class Row:
     repeat: bool = True  # steps under 5 s: fastest of three
     ratio: bool = True  # time a plain forward + backward over the same pairs too
     predict: str | None = None  # memory rows: the bench/memory_table.py prediction to compare with
+    build_on_device: bool = False  # create the weights on the GPU (8B parameters); else on the CPU, seeded as there
     note: str = ""
 
 
@@ -122,7 +123,7 @@ def plan(smoke: bool, llama_layers: int | None, methods: list[str]) -> list[Row]
     ):
         rows.append(Row(
             f"{shape}:{step}", step, shape, n, llama["length"], b, limits["llama"], settings={"steps": 5} if step == "eap_ig" else {},
-            dtype=llama["dtype"], layers=llama["layers"], repeat=False, ratio=False, predict=predict,
+            dtype=llama["dtype"], layers=llama["layers"], repeat=False, ratio=False, predict=predict, build_on_device=True,
         ))
     rows += [
         Row("path_patching", "path_patching", batch=batch["small"], limit_s=limits["slow"], settings={"max_depth": 2} if smoke else {}, **g),
@@ -159,7 +160,9 @@ class Models:
             self.adapter, self.data, self.baselines, self.key = None, {}, {}, None
             release(self.device)
             overrides = {"dtype": getattr(torch, row.dtype)} | ({"n_layers": row.layers} if row.layers else {})
-            self.adapter, self.key = ModelAdapter(build_model(row.model, seed=0, device=self.device, **overrides)), key
+            # GPT-2's shape is initialised on the CPU, as where ACDC_TAU was measured, then moved
+            model = build_model(row.model, seed=0, device=self.device if row.build_on_device else None, **overrides)
+            self.adapter, self.key = ModelAdapter(model.to(self.device)), key
         shape = (row.examples, row.length)
         if shape not in self.data:
             self.data[shape] = random_pairs(self.adapter.cfg.d_vocab, row.examples, row.length, seed=0)
