@@ -129,4 +129,4 @@ def test_validate_rejects_an_unknown_generator_option(tmp_path):
         [sys.executable, "-c", "from circuitctl.cli.app import main; main()", "validate", str(config)],
         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
-    assert out.returncode == 2 and "did you mean 'corruption'" in out.stderr, out.stderr
+    assert out.returncode == 2 and "task.options: unknown option" in out.stderr and "did you mean 'corruption'" in out.stderr, out.stderr

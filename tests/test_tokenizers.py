@@ -165,3 +165,11 @@ def test_greater_than_needs_two_digit_year_tokens():
     """Llama 3 keeps the space before digits apart and groups digits by three: no ' 17' token."""
     with pytest.raises(UsageError, match="greater_than: ' 17' is not a single token"):
         generate("greater_than", bpe_llama3(), 5)
+
+
+def test_induction_text_needs_round_trip_tokens_and_says_to_use_ids():
+    tokenizer = sentencepiece(ALL_WORDS, dummy_prefix=True)  # decodes a lone "▁Mary" as "Mary"
+    with pytest.raises(UsageError, match="use as_ids: true"):
+        generate("induction", tokenizer, 4)
+    data = tokenized(generate("induction", tokenizer, 4, as_ids=True), tokenizer)
+    assert all(data.answers[i, 0] == data.clean[i, data.positions["answer_source"][i]] for i in range(data.n))

@@ -93,8 +93,11 @@ def make_record(
     }
 
 
-def sample_records(task: str, n: int, seed: int, candidate: Callable[[random.Random], Record]) -> list[Record]:
-    """Draw candidates from one seeded RNG until `n` are valid; give up clearly if most fail."""
+def sample_records(
+    task: str, n: int, seed: int, candidate: Callable[[random.Random], Record], hint: str = ""
+) -> list[Record]:
+    """Draw candidates from one seeded RNG until `n` are valid; give up clearly if most fail
+    (`hint`: what to try then)."""
     rng = random.Random(seed)
     records: list[Record] = []
     attempts, limit = 0, 100 + 20 * n
@@ -103,7 +106,8 @@ def sample_records(task: str, n: int, seed: int, candidate: Callable[[random.Ran
         if attempts >= limit:
             raise UsageError(
                 f"{task}: only {len(records)} of {n} valid records after {attempts} candidates "
-                f"(last rejection: {last_reason}); is this tokenizer GPT-2-like?"
+                f"(last rejection: {last_reason}); "
+                + (hint or "this tokenizer splits the task's words or prompts differently from what the task needs")
             )
         attempts += 1
         try:
