@@ -43,6 +43,7 @@ import os
 import platform
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -147,7 +148,6 @@ class Models:
         self.adapter = None
         self.data: dict = {}
         self.baselines: dict = {}
-        self.sae_dir = None
 
     def get(self, row: Row):
         import torch
@@ -191,7 +191,7 @@ class Models:
         from circuitctl.sae.sites import parse_site
 
         cfg = self.adapter.cfg
-        self.sae_dir = Path(tempfile.mkdtemp(prefix="gpu-check-saes-"))
+        directory = Path(tempfile.mkdtemp(prefix="gpu-check-saes-"))
         generator = torch.Generator().manual_seed(0)
         d, d_sae = cfg.d_model, 4 * cfg.d_model
         for layer in range(cfg.n_layers):
@@ -202,8 +202,8 @@ class Models:
             with torch.no_grad():
                 sae.W_dec.copy_(directions)
                 sae.W_enc.copy_(directions.T)
-            sae.save(self.sae_dir / site)
-        return str(self.sae_dir)
+            sae.save(directory / site)
+        return str(directory)
 
 
 def release(device: str) -> None:
@@ -261,9 +261,13 @@ def measure(row: Row, models: Models) -> dict:
         passes.append(run_step(context, row.step, row.batch, settings))
         synchronize(device)
 
-    seconds = timed(run)
-    if row.repeat and seconds < 5:
-        seconds = min([seconds] + [timed(run) for _ in range(2)])
+    try:
+        seconds = timed(run)
+        if row.repeat and seconds < 5:
+            seconds = min([seconds] + [timed(run) for _ in range(2)])
+    finally:
+        if "saes" in settings:
+            shutil.rmtree(settings["saes"], ignore_errors=True)
     result = {
         "seconds": seconds,
         "fwd_bwd_seconds": fwd_bwd,

@@ -130,3 +130,18 @@ def test_validate_rejects_an_unknown_generator_option(tmp_path):
         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert out.returncode == 2 and "task.options: unknown option" in out.stderr and "did you mean 'corruption'" in out.stderr, out.stderr
+
+
+def test_mib_batch_sizes_are_the_memory_tables():
+    """configs/mib/*-ioi-*.yaml take their batch sizes from bench/mib_batches.py (and say how to evaluate)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import mib_batches
+
+    for path in sorted((ROOT / "configs" / "mib").glob("*-ioi-*.yaml")):
+        config = load_config(path)
+        shape, dtype = mib_batches.MIB_MODELS[config.model.name]
+        chosen = mib_batches.choose(shape, dtype, config.task.n_pairs, 24, 76, 0.8, 256)
+        assert config.model.dtype == dtype and config.method.batch_size == chosen["batch"], path.name
+        text = path.read_text()
+        assert f"method.batch_size={chosen['eval_batch']}" in text, path.name
+        assert (f"task.n_pairs={chosen['eval_pairs']}" in text) == (chosen["eval_pairs"] < config.task.n_pairs), path.name
