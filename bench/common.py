@@ -121,10 +121,11 @@ def evaluation_step(context, batch: int) -> float:
     return 2 + 1 + 2 + len(keep)  # clean, corrupt, empty, circuit, complement, curves
 
 
-def run_step(context, step: str, batch: int, settings: dict | None = None) -> float:
+def run_step(context, step: str, batch: int, settings: dict | None = None, record: dict | None = None) -> float:
     """Run one benchmark step on `context` (a DiscoveryContext): a discovery method (with
     `settings` beside the defaults), the evaluation, or one of the memory steps above.
-    Returns the forward-pass equivalents it reports."""
+    Returns the forward-pass equivalents it reports; a method's own circuit size (ACDC) goes
+    into `record["edges_kept"]`."""
     import torch
 
     from circuitctl.config.methods import METHODS
@@ -161,6 +162,8 @@ def run_step(context, step: str, batch: int, settings: dict | None = None) -> fl
     from circuitctl.methods.base import run_method
 
     result = run_method(context, METHODS.get(step).settings(name=step, batch_size=batch, **(settings or {})))
+    if record is not None and getattr(result, "membership", None) is not None:
+        record["edges_kept"] = int(result.membership.sum())
     return result.stats["forward_passes"] if hasattr(result, "stats") else result.forward_passes  # sfc: a feature circuit
 
 

@@ -41,8 +41,10 @@ def test_smoke_run_measures_every_step_on_the_cpu(tmp_path):
         assert rows["edge_pruning"]["status"] == "ok", statuses
     else:
         assert "skipped" in payload["steps"]["edge pruning"]["status"]
+    assert 0 < rows["acdc"]["edges_kept"] < rows["acdc"]["n_edges"]
     table = result.with_suffix(".md").read_text()
     assert "| eap | 8 |" in table and "< 1 s | n/a (not a GPU run)" in table and "| patched_circuits |" in table
+    assert f"kept {rows['acdc']['edges_kept']:,} of {rows['acdc']['n_edges']:,} edges" in table
     assert table.strip() in out.stdout
 
 
