@@ -20,7 +20,7 @@ import yaml
 from circuitctl.config.load import config_hash
 from circuitctl.config.schema import RunConfig
 from circuitctl.errors import UsageError
-from circuitctl.io.files import prepare_run_dir, remove_if_empty, staged_writes, write_atomic
+from circuitctl.io.files import commit_staged, prepare_run_dir, remove_if_empty, staged_writes, write_atomic
 from circuitctl.io.run_lock import RunLock
 from circuitctl.checks import check_task_signal
 from circuitctl.session import check_model_source, open_session, read_task_source
@@ -234,6 +234,7 @@ def finish(run_dir: Path, config: RunConfig, session, result, timings: dict[str,
         write_json(run_dir / "sweep.json", {"method": method, "metric_full": m_full, "metric_empty": m_empty, "points": rows})
         files += ["sweep.json"] + [f"{row['label']}/" for row in rows]
     files += write_method_files(run_dir, result.files)
+    commit_staged()  # the results are whole: put them in place before the steps that read them
     explained, explain_notes = explain_step(run_dir, config, session, timings)  # after sweep.json: a sweep's circuits read it
     files, notes = files + explained, notes + explain_notes
     rule_note = ignored_rule_note(config.selection, method) if any(p.membership is not None for p in points) else None

@@ -20,12 +20,13 @@ def read_task_source(config: RunConfig, config_dir: Path | None) -> TaskSource:
     return read_task(config.task.name, path, SHIPPED_TASKS)
 
 
-def check_model_source(config: RunConfig, config_dir: Path | None) -> Path | None:
-    """Check the model source before anything heavy is loaded; return a local checkpoint's path."""
-    from circuitctl.models.sources import check_local_checkpoint, check_pretrained
+def check_model_source(config: RunConfig, config_dir: Path | None, require_weights: bool = True) -> Path | None:
+    """Check the model source before anything heavy is loaded; return a local checkpoint's path.
+    `require_weights=False` (validate): a pretrained name must be known, not downloadable now."""
+    from circuitctl.models.sources import check_local_checkpoint, check_pretrained, official_name
 
     if config.model.path is None:
-        check_pretrained(config.model.name)
+        (check_pretrained if require_weights else official_name)(config.model.name)
         return None
     path = resolve_path(config.model.path, config_dir)
     if not path.exists():

@@ -61,6 +61,18 @@ def staged_writes(directory: Path, unstaged: tuple[str, ...] = ("checkpoint",)) 
         _STAGE.reset(token)
 
 
+def commit_staged() -> None:
+    """Put the files written so far inside `staged_writes` in place now: the results a run has
+    finished writing, before steps that read them back (the explanation, the viewer page)."""
+    stage = _STAGE.get()
+    if stage is None:
+        return
+    pending = stage[1]
+    for tmp, path in pending:
+        os.replace(tmp, path)
+    pending.clear()
+
+
 def _staged(path: Path) -> list | None:
     """The pending list when `path` is to be staged, else None."""
     stage = _STAGE.get()

@@ -19,6 +19,7 @@ CHANGED = {
     ("config_hash",), ("config", "selection", "reselect"), ("selection", "reselect"),  # new selection switch
     ("results", "unit"), ("results", "chosen_by"),  # new: the counted unit, the rule that chose the circuit
     ("task", "origin"), ("config", "output"),  # where the task file and the run directory are
+    ("task_signal",), ("config", "checks"),  # new: the task's clean-corrupt gap and accuracy, and its check's switch
     ("config", "explain"),  # new: explain the circuit at the end of discover
     ("config", "cache_gib"),  # new: the batch cache's device budget
 }
