@@ -129,13 +129,12 @@ def test_edits_that_cannot_be_baked_stop_before_anything_is_written(world, capsy
 
 
 def test_a_group_of_the_run_s_explanation_is_ablated(world):
-    (world / "run" / "explanation.json").write_text(json.dumps({"groups": [{"id": "g1", "name": "copiers", "members": ["a0.h0", "a0.h2"]}]}))
-    try:
-        assert cli(["intervene", str(world / "config.yaml"), "--ablate", f"{world / 'run'}:group=g1", "--out", str(world / "group")]) == 0
-    finally:
-        (world / "run" / "explanation.json").unlink()
+    """discover explains its circuit: explanation.json's group g1 is the planted head a0.h0."""
+    groups = json.loads((world / "run" / "explanation.json").read_text())["groups"]
+    assert [(g["id"], g["members"]) for g in groups] == [("g1", ["a0.h0"])]
+    assert cli(["intervene", str(world / "config.yaml"), "--ablate", f"{world / 'run'}:group=g1", "--out", str(world / "group")]) == 0
     found = record(world / "group")
-    assert found["kind"] == "node" and found["ablated"] == ["a0.h0", "a0.h2"]
+    assert found["kind"] == "node" and found["ablated"] == ["a0.h0"]
     assert found["tasks"]["planted-copy-first"]["faithfulness"] == pytest.approx(0.0, abs=1e-6)
 
 
@@ -200,7 +199,8 @@ def _golden(name: str, root: Path) -> Path:
         (["--ablate", "a0.h0", "--text", "missing.txt"], "--text: 'missing.txt' does not exist"),
         (["--ablate", "resid0/f1"], "SAE feature names need SAEs"),
         (["--ablate", "m0.n1"], "neuron circuits need a model with MLPs"),
-        (["--ablate", "RUN:group=g1"], "explanation.json, which does not exist"),
+        (["--ablate", "RUN:group=g9"], "no group 'g9' (groups: g1)"),
+        (["--ablate", "BARE:group=g1"], "explanation.json, which does not exist (run `circuitctl explain"),
         (["--ablate", "a0.h0", "--text", "PLAIN"], "is text but the model has no tokenizer"),
         (["--ablate", "RUN", "--text", "TOKENS"], "--text: the loss on text is measured for SAE features"),
         (["ablation=mean", "--ablate", "input", "--text", "TOKENS"], "--text: mean ablation of the 'input' node cannot be written"),
@@ -211,7 +211,11 @@ def _golden(name: str, root: Path) -> Path:
 def test_bad_input_exits_2_with_one_message(world, capsys, args, message):
     (world / "plain.txt").write_text("some text\n")
     jsonl(world / "tokens.jsonl", [[1, 2, 3, 4], [5, 6, 7]])
-    args = [a.replace("RUN", str(world / "run")).replace("PLAIN", str(world / "plain.txt")).replace("TOKENS", str(world / "tokens.jsonl")) for a in args]
+    bare = world / "bare-run"  # a run directory without explanation.json
+    bare.mkdir(exist_ok=True)
+    for name in ("circuit.json", "config.yaml"):
+        (bare / name).write_text((world / "run" / name).read_text())
+    args = [a.replace("BARE", str(bare)).replace("RUN", str(world / "run")).replace("PLAIN", str(world / "plain.txt")).replace("TOKENS", str(world / "tokens.jsonl")) for a in args]
     code = cli(["intervene", str(world / "config.yaml"), *args, "--out", str(world / "bad" / str(abs(hash(tuple(args)))))])
     err = capsys.readouterr().err
     if message is None:
