@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from conftest import DEVICE
 
 from circuitctl.config.schema import AblationConfig
@@ -38,3 +40,19 @@ def planted_module():
     from circuitctl.testing import planted
 
     return planted
+
+
+def second_token_records(n: int = 16, vocab: int = 12, length: int = 6, seed: int = 7, spurious: bool = False) -> list[dict]:
+    """copy_first's second task: the answer is the token at position 1 (a0.h1 copies it, gain 2).
+    With `spurious`, clean and corrupt differ at positions 0 and 1: the answer is the first token
+    (a0.h0) and the spurious answer the second (a0.h1)."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        a, b, x, y, *rest = rng.sample(range(vocab), 4 + length - 2)
+        if spurious:
+            records.append({"clean": [a, x, *rest], "corrupt": [b, y, *rest], "answers": [a], "wrong_answers": [b],
+                            "spurious_answers": [x], "spurious_wrong_answers": [y]})
+        else:
+            records.append({"clean": [a, x, *rest], "corrupt": [a, y, *rest], "answers": [x], "wrong_answers": [y]})
+    return records

@@ -47,7 +47,7 @@ def _global_options(
 def _register() -> None:
     # Importing a command module registers it; none of them imports torch at import time.
     from circuitctl.cli import discover, doctor, evaluate, info, validate  # noqa: F401
-    from circuitctl.cli import compare, stability, train_sae, view  # noqa: F401
+    from circuitctl.cli import compare, intervene, stability, train_sae, view  # noqa: F401
     from circuitctl.cli import explain  # noqa: F401
 
 

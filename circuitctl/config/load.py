@@ -25,13 +25,15 @@ _PLACEHOLDER_METHOD = {"name": "exact"}
 def find_config(path: Path) -> Path:
     """A config file given by path, or a shipped config given by name (``demo``, ``mib/gpt2-ioi-eap-ig``)."""
     path = Path(path)
-    if path.exists():
-        return path
     from circuitctl.resources import shipped_config, shipped_config_names
 
+    if path.is_file():
+        return path
     shipped = shipped_config(str(path))
-    if shipped is not None:
+    if shipped is not None:  # also when a directory of that name (a run called `demo`) is here
         return shipped
+    if path.exists():
+        return path
     hint = closest(str(path).removesuffix(".yaml"), shipped_config_names())
     raise UsageError(
         f"config file '{path}' does not exist" + (f"; did you mean the shipped config '{hint}'?" if hint else "")

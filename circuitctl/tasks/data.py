@@ -120,7 +120,9 @@ def _encode_answer(answer, tokenizer, d_vocab: int, where: str, what: str) -> in
         return answer
     if tokenizer is None:
         raise UsageError(f"{where}: {what} '{answer}' is text but the model has no tokenizer")
-    ids = tokenizer.encode(answer, add_special_tokens=False)
+    from circuitctl.tasks.tokens import piece_ids
+
+    ids = piece_ids(tokenizer, answer)  # as the answer tokenizes after a prompt (SentencePiece dummy prefixes)
     if len(ids) != 1:
         raise UsageError(
             f"{where}: {what} {answer!r} is {len(ids)} tokens {ids}; answers must be single tokens "

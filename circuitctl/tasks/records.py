@@ -2,7 +2,10 @@
 
 A pair record is ``{"clean", "corrupt", "answers", "wrong_answers", "positions"}``; prompts
 and answers are text (tokenized with the model's tokenizer) or integer token ids (used as
-they are). Every problem names the file and line.
+they are). Every problem names the file and line. A pair may also name a second, unwanted
+answer set, ``spurious_answers`` (and ``spurious_wrong_answers``, what they compete with): the
+behaviour an edit should remove while the intended one survives (SHIFT, Marks et al. 2024;
+`circuitctl intervene --ablate RUN:top=N:by=spurious`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ class PromptPair:
     wrong_answers: tuple[Answer, ...] = ()
     positions: dict[str, int] = field(default_factory=dict)
     line: int = 0  # 1-based line in the source file (0 for generated pairs)
+    spurious_answers: tuple[Answer, ...] = ()  # an unwanted answer set (empty: none)
+    spurious_wrong_answers: tuple[Answer, ...] = ()
 
 
 class TaskSpec(BaseModel):
@@ -84,7 +89,7 @@ def _check_answers(value: Any, what: str, where: str, required: bool) -> tuple[A
 def pair_from_record(record: Any, where: str, line: int = 0) -> PromptPair:
     if not isinstance(record, dict):
         raise UsageError(f"{where}: a pair must be a JSON object with clean, corrupt, answers")
-    unknown = set(record) - {"clean", "corrupt", "answers", "wrong_answers", "positions", "meta"}
+    unknown = set(record) - {"clean", "corrupt", "answers", "wrong_answers", "positions", "meta", *SPURIOUS_FIELDS}
     if unknown:
         raise UsageError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
     for key in ("clean", "corrupt", "answers"):
@@ -108,7 +113,21 @@ def pair_from_record(record: Any, where: str, line: int = 0) -> PromptPair:
         wrong_answers=wrong,
         positions=dict(positions),
         line=line,
+        **_spurious(record, where),
     )
+
+
+SPURIOUS_FIELDS = ("spurious_answers", "spurious_wrong_answers")
+
+
+def _spurious(record: dict, where: str) -> dict:
+    """The optional spurious answer sets; wrong ones only beside spurious answers."""
+    found = {key: _check_answers(record.get(key), key, where, False) for key in SPURIOUS_FIELDS}
+    if record.get("spurious_answers") is not None and not found["spurious_answers"]:
+        raise UsageError(f"{where}: 'spurious_answers' must be a non-empty list of answers (strings or token ids)")
+    if found["spurious_wrong_answers"] and not found["spurious_answers"]:
+        raise UsageError(f"{where}: 'spurious_wrong_answers' is given without 'spurious_answers'")
+    return found
 
 
 def read_pairs_jsonl(path: Path):

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,9 @@ from circuitctl.config.load import apply_overrides, config_hash, load_config, va
 from circuitctl.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[2]
-RUN_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if "method" in (yaml.safe_load(p.read_text()) or {}))
+SHIPPED_CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs" / "mib").glob("*.yaml"))
+RUN_CONFIGS = [p for p in SHIPPED_CONFIGS if "method" in (yaml.safe_load(p.read_text()) or {})]
+MIB_MODELS = {"gpt2", "Qwen/Qwen2.5-0.5B", "google/gemma-2-2b", "meta-llama/Llama-3.1-8B"}
 
 BASE = {"model": {"path": "m"}, "task": {"name": "t"}, "method": {"name": "eap"}}
 
@@ -76,18 +79,72 @@ def test_cli_start_up_does_not_import_torch():
     assert out.stdout.strip() == "False"
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_config_passes_circuitctl_validate(path):
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_passes_circuitctl_validate(path, tmp_path):
+    """Offline and with an empty Hugging Face cache: a hub model is a note, not a failure."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty-cache"), "COLUMNS": "200"}
     out = subprocess.run(
         [sys.executable, "-c", "from circuitctl.cli.app import main; main()", "validate", str(path)],
-        capture_output=True, text=True, cwd=ROOT,
+        capture_output=True, text=True, cwd=ROOT, env=env,
     )
-    if out.returncode != 0 and "model: {name:" in path.read_text():
-        # configs for hub models (GPT-2 ...) validate except for the weights, absent offline
-        assert out.returncode == 2 and "not in the Hugging Face cache" in out.stderr, out.stderr
-        assert load_config(path).model.name
-    else:
-        assert out.returncode == 0, out.stderr
+    assert out.returncode == 0, out.stderr
+    assert ("note: model" in out.stderr and "not in the Hugging Face cache" in out.stderr) == ("model: {name:" in path.read_text())
+
+
+def test_mib_configs_cover_the_mib_models_with_eap_ig_and_mib_settings():
+    configs = [load_config(p) for p in sorted((ROOT / "configs" / "mib").glob("*.yaml"))]
+    assert {c.model.name for c in configs} == MIB_MODELS
+    for c in configs:
+        assert (c.method.name, c.method.variant, c.method.steps, c.method.points) == ("eap_ig", "inputs", 5, "left")
+        assert c.ablation.type == "resample" and c.model.dtype == ("float32" if c.model.name == "gpt2" else "bfloat16")
+    assert all(c.task.options == {"corruption": "s2_io_flip"} for c in configs if c.task.name == "ioi")
+
+
+def test_validate_of_a_hub_model_uses_no_network(tmp_path, monkeypatch, capsys):
+    """Not offline, nothing cached, every connection refused: validate still passes, quickly."""
+    import socket
+
+    from circuitctl.cli.app import main
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("validate opened a network connection")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    try:
+        main(["validate", str(ROOT / "configs" / "mib" / "llama-3.1-8b-ioi-eap-ig.yaml")])
+    except SystemExit as exit_info:
+        assert exit_info.code in (0, None), capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "is valid" in err and "not in the Hugging Face cache" in err
+
+
+def test_validate_rejects_an_unknown_generator_option(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {name: gpt2}\ntask: {name: ioi, options: {corruptoin: abc}}\nmethod: {name: eap}\n")
+    out = subprocess.run(
+        [sys.executable, "-c", "from circuitctl.cli.app import main; main()", "validate", str(config)],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert out.returncode == 2 and "task.options: unknown option" in out.stderr and "did you mean 'corruption'" in out.stderr, out.stderr
+
+
+def test_mib_batch_sizes_are_the_memory_tables():
+    """configs/mib/*-ioi-*.yaml take their batch sizes from bench/mib_batches.py (and say how to evaluate)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import mib_batches
+
+    for path in sorted((ROOT / "configs" / "mib").glob("*-ioi-*.yaml")):
+        config = load_config(path)
+        shape, dtype = mib_batches.MIB_MODELS[config.model.name]
+        chosen = mib_batches.choose(shape, dtype, config.task.n_pairs, 24, 76, 0.8, 256)
+        assert config.model.dtype == dtype and config.method.batch_size == chosen["batch"], path.name
+        text = path.read_text()
+        assert f"method.batch_size={chosen['eval_batch']}" in text, path.name
+        assert (f"task.n_pairs={chosen['eval_pairs']}" in text) == (chosen["eval_pairs"] < config.task.n_pairs), path.name
 
 
 def test_a_config_validates_its_own_dump():

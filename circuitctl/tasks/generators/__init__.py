@@ -21,6 +21,6 @@ from circuitctl.tasks.generators import (  # noqa: F401  (each module registers 
     ioi,
     subject_verb_agreement,
 )
-from circuitctl.tasks.generators.registry import GENERATORS, GeneratorInfo, generate, get_generator, register_generator
+from circuitctl.tasks.generators.registry import GENERATORS, GeneratorInfo, check_options, generate, get_generator, register_generator
 
-__all__ = ["GENERATORS", "GeneratorInfo", "generate", "get_generator", "register_generator"]
+__all__ = ["GENERATORS", "GeneratorInfo", "check_options", "generate", "get_generator", "register_generator"]

@@ -56,10 +56,16 @@ def generate(name: str, tokenizer: Any, n: int, seed: int = 0, **options: Any) -
     info = get_generator(name)
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise UsageError(f"task generator '{info.name}': n must be a non-negative integer, got {n!r}")
+    check_options(info.name, options)
+    return info.function(tokenizer, n, seed, **options)
+
+
+def check_options(name: str, options: dict[str, Any]) -> None:
+    """Every option is one the generator takes (names only: values are checked with the tokenizer)."""
+    info = get_generator(name)
     valid = info.options
     for option in options:
         if option not in valid:
             if not valid:
                 raise UsageError(f"task generator '{info.name}' takes no options (got '{option}')")
             raise UsageError(unknown_name_message(f"option of task generator '{info.name}'", option, list(valid)))
-    return info.function(tokenizer, n, seed, **options)
