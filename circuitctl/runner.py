@@ -287,7 +287,7 @@ def write_sweep(run_dir: Path, config: RunConfig, session, context, result, timi
         m_empty=m_empty,
         m_circuit=first["metric_circuit"],
         seconds=timings,
-        files=["config.yaml", "sweep.json"] + [f"{row['label']}/" for row in rows],
+        files=["config.yaml", "sweep.json"] + [f"{row['label']}/" for row in rows] + write_method_files(run_dir, result.files),
         notes=sorted(set(notes)),
         sweep=rows,
     )

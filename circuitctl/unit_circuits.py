@@ -62,7 +62,10 @@ def finish_discovery(run_dir: Path, config, session, result, timings: dict, star
             f"method '{config.method.name}' produced NaN or infinite {view.unit} scores; the model's activations or "
             "gradients overflow: check the weights, or use model.dtype: float32"
         )
-    membership = select_units(scores, view, config.selection)
+    if config.selection.is_default and result.membership is not None:  # the method's own circuit (subnetwork probing)
+        membership = result.membership.cpu() & view.mask
+    else:
+        membership = select_units(scores, view, config.selection)
     t0 = time.perf_counter()
     evaluator = _evaluator(view, session, config, config.method.batch_size)
     m_full, m_empty = evaluator.full_and_empty()

@@ -5,7 +5,7 @@ patching) and against EAP (its gradient at the all-ones mask is the EAP contract
 pruning itself is checked on the planted models: it recovers every planted circuit exactly at
 its size, and keeps faithful circuits on the OR-gate and backup-head models where single-edge
 scores fail (tests/test_redundant_models.py). Training settings for these tiny graphs are
-chosen in `planted_settings` (see the README for why they differ from the reference's GPT-2 ones).
+chosen in `helpers.planted_settings` (see the README for why they differ from the reference's GPT-2 ones).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import replace
 import pytest
 import torch
 from conftest import random_model, random_tokens
-from helpers import edge_auc, planted_context
+from helpers import edge_auc, planted_context, planted_settings
 
 from circuitctl.checkpoint import Checkpoint
 from circuitctl.config.learned_methods import EdgePruningSettings
@@ -28,14 +28,6 @@ from circuitctl.models.adapter import ModelAdapter
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (tests/conftest.py)
 
 PLANTED = ["copy_first", "v_composition", "induction", "induction_soft", "mlp_neurons", "distributed", "layernorm_mlp"]
-
-
-def planted_settings(n_edges: int, **overrides) -> EdgePruningSettings:
-    """Settings that recover the planted circuits (graphs of 13-52 edges): the reference's
-    schedule shortened, learning rate 0.1 (0.8 overshoots masks into the dead zone on graphs this
-    small), expected-L0 sparsity."""
-    fields = dict(edges=n_edges, steps=1500, sparsity_warmup_steps=700, lr_warmup_steps=100, lr=0.1, lambda_lr=0.1)
-    return EdgePruningSettings(**{**fields, **overrides})
 
 
 # ------------------------------------------------------------------------------------------
