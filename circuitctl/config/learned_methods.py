@@ -207,3 +207,6 @@ LEARNED_METHODS = (
         "several edge methods on the same data, scores combined by mean rank or mean normalised score",
     ),
 )
+
+for _info in LEARNED_METHODS:
+    METHODS.add(_info.name, _info)

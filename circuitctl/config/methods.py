@@ -224,8 +224,5 @@ for _info in (
     METHODS.add(_info.name, _info)
 
 # The learned-circuit and combination methods (edge pruning, subnetwork probing, IFR, ensembles)
-# live in their own module; it imports MethodSettings and MethodInfo from here.
-from circuitctl.config.learned_methods import LEARNED_METHODS  # noqa: E402
-
-for _info in LEARNED_METHODS:
-    METHODS.add(_info.name, _info)
+# live in their own module, which imports MethodSettings and MethodInfo from here and adds its rows.
+import circuitctl.config.learned_methods  # noqa: E402,F401

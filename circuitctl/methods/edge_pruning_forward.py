@@ -27,6 +27,67 @@ from circuitctl.graph import naming
 from circuitctl.models.adapter import ModelAdapter
 
 
+class _Writers:
+    """Every writer's (current - ablated) output of one masked pass, in graph order, also copied
+    into one contiguous buffer ``[n_upstream, B*P*d]`` as it is produced, so that mixing the first
+    n writers into a layer's inputs is one matrix product over ``buffer[:n]`` (no concatenation per
+    layer, forward or backward)."""
+
+    def __init__(self, n_upstream: int, like: torch.Tensor) -> None:
+        self.blocks: list[torch.Tensor] = []
+        self.buffer = torch.empty((n_upstream, like[0].numel()), dtype=like.dtype, device=like.device)
+        self.rows = 0
+
+    def append(self, block: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.buffer[self.rows : self.rows + block.shape[0]] = block.reshape(block.shape[0], -1)
+        self.blocks.append(block)
+        self.rows += block.shape[0]
+
+    def upto(self, n_up: int) -> list[torch.Tensor]:
+        used, rows = [], 0
+        for block in self.blocks:
+            if rows >= n_up:
+                break
+            used.append(block)
+            rows += block.shape[0]
+        assert rows == n_up, "writer blocks must end at a reader's prefix"
+        return used
+
+
+class _Mix(torch.autograd.Function):
+    """weights^T @ buffer[:n] for the writers' blocks (autograd inputs) whose values the buffer holds."""
+
+    @staticmethod
+    def forward(ctx, weights: torch.Tensor, writers: _Writers, *blocks: torch.Tensor) -> torch.Tensor:
+        n = weights.shape[0]
+        ctx.writers, ctx.sizes = writers, [b.shape[0] for b in blocks]
+        ctx.save_for_backward(weights)
+        return weights.T @ writers.buffer[:n]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weights,) = ctx.saved_tensors
+        n = weights.shape[0]
+        grad_weights = ctx.writers.buffer[:n] @ grad.T if ctx.needs_input_grad[0] else None
+        grad_rows = weights @ grad
+        shapes = [block.shape for block in ctx.writers.blocks[: len(ctx.sizes)]]
+        grad_blocks = [g.view(shape) for g, shape in zip(grad_rows.split(ctx.sizes), shapes)]
+        return (grad_weights, None, *grad_blocks)
+
+
+def _normalize(ln, x: torch.Tensor) -> torch.Tensor:
+    """`ln(x)` for a TransformerLens LayerNorm / LayerNormPre in one fused kernel (the per-head
+    copies make LayerNorm a large share of the pass); other normalisations through the module."""
+    from transformer_lens.components import LayerNorm, LayerNormPre
+
+    if isinstance(ln, LayerNorm):
+        return torch.nn.functional.layer_norm(x, (x.shape[-1],), ln.w, ln.b, ln.eps)
+    if isinstance(ln, LayerNormPre):
+        return torch.nn.functional.layer_norm(x, (x.shape[-1],), None, None, ln.eps)
+    return ln(x)
+
+
 def masked_logits(
     adapter: ModelAdapter,
     tokens: torch.Tensor,
@@ -44,16 +105,15 @@ def masked_logits(
     """
     g, model, L, H = adapter.graph, adapter.model, adapter.cfg.n_layers, adapter.cfg.n_heads
     drop = (1 - keep.to(adapter.dtype)) * g.edge_mask.to(keep.device, adapter.dtype)  # weight of the ablated value
-    diffs: list[torch.Tensor] = []  # per upstream node, in graph order: current - ablated output [n, B, P, d]
     resid_pre: dict[int, torch.Tensor] = {}
+    layer_mix: dict[int, list[torch.Tensor]] = {}  # layer -> [q, k, v, MLP-prefix] mixes
     B, P = tokens.shape
+    n_kv = g.spec.kv_heads
 
-    def mixed(inputs: range) -> torch.Tensor:
-        """sum_u drop[u, v] * diff_u for the downstream inputs `inputs`: [len(inputs), B, P, d]."""
-        n_up = max(g.prefix_len[v] for v in inputs)
-        upstream = torch.cat(diffs)[:n_up]
-        weights = drop[:n_up, inputs.start : inputs.stop]
-        return (weights.T @ upstream.flatten(1)).view(len(inputs), B, P, -1)
+    def mix(columns: range, n_up: int) -> torch.Tensor:
+        """sum_u drop[u, v] * diff_u for the downstream inputs `columns` over the first n_up writers."""
+        weights = drop[:n_up, columns.start : columns.stop]
+        return _Mix.apply(weights, writers, *writers.upto(n_up)).view(len(columns), B, P, -1)
 
     def keep_resid(x, hook):
         resid_pre[hook.layer()] = x
@@ -61,24 +121,33 @@ def masked_logits(
     def project(channel: str):
         def hook_fn(x, hook):
             layer = hook.layer()
-            inputs = resid_pre[layer][None] - mixed(g.channel_inputs(layer, channel))  # [H or n_kv, B, P, d]
+            if layer not in layer_mix:  # q, k, v (and the MLP's earlier writers) in one product
+                sizes = [H, n_kv, n_kv] + ([1] if g.spec.has_mlps else [])
+                layer_mix[layer] = list(mix(g.layer_inputs(layer), g.head_out_start[layer]).split(sizes))
+            part = layer_mix[layer][naming.CHANNELS.index(channel)]
             W, b = adapter._projection(layer, channel)
-            return torch.einsum("hbpd,hde->bphe", adapter.model.blocks[layer].ln1(inputs), W) + b
+            normed = _normalize(model.blocks[layer].ln1, resid_pre[layer][None] - part)
+            return torch.einsum("hbpd,hde->bphe", normed, W) + b
 
         return hook_fn
 
     def keep_heads(z, hook):
         layer = hook.layer()
         lo = g.head_out_start[layer]
-        diffs.append(adapter._head_outputs(layer, z) - ablation_outputs[lo : lo + H])
+        writers.append(adapter._head_outputs(layer, z) - ablation_outputs[lo : lo + H])
 
     def mix_mlp_in(x, hook):
-        v = g.mlp_in_index[hook.layer()]
-        return x - mixed(range(v, v + 1))[0]
+        layer = hook.layer()
+        v = g.mlp_in_index[layer]
+        mixed = layer_mix.pop(layer)[-1][0]
+        if g.prefix_len[v] > g.head_out_start[layer]:  # sequential blocks: the MLP also reads its layer's heads
+            heads = writers.blocks[-1]
+            mixed = mixed + torch.einsum("h,hbpd->bpd", drop[g.head_out_start[layer] : g.prefix_len[v], v], heads)
+        return x - mixed
 
     def keep_mlp(x, hook):
         u = g.mlp_out_index[hook.layer()]
-        diffs.append((x - ablation_outputs[u])[None])
+        writers.append((x - ablation_outputs[u])[None])
 
     hooks = []
     for i in range(L):
@@ -88,10 +157,11 @@ def masked_logits(
             hooks += [(f"blocks.{i}.hook_mlp_in", mix_mlp_in), (f"blocks.{i}.hook_mlp_out", keep_mlp)]
     with model.hooks(fwd_hooks=hooks):
         resid = adapter.embed(tokens)
-        diffs.append((resid - ablation_outputs[0])[None])
+        writers = _Writers(g.n_upstream, resid[None])
+        writers.append((resid - ablation_outputs[0])[None])
         for block in model.blocks:
             resid = block(resid)
-        resid = resid - mixed(range(g.logits_index, g.logits_index + 1))[0]
+        resid = resid - mix(range(g.logits_index, g.logits_index + 1), g.n_upstream)[0]
         return adapter._unembed_at(resid, positions)
 
 
