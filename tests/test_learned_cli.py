@@ -80,7 +80,7 @@ def test_subnetwork_probing_writes_its_native_node_circuit(tmp_path, capsys):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ('method.members=[eap, {name: eap_ig, stepz: 3}]', "stepz: unknown key"),
+        ('method.members=[eap, {name: eap_ig, stepz: 3}]', "member 1: eap_ig setting 'stepz': unknown key"),
         ("method.members=[eap, sfc]", "cannot be a member"),
         ("method.members=[eap, eapp]", "did you mean 'eap'"),
     ],

@@ -45,12 +45,12 @@ def member_settings(spec: Any) -> MethodSettings:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
-        raise ValueError(f"member '{name}': {where}: {message}") from None
+        raise ValueError(f"{name} setting '{where}': {message}") from None
     if getattr(settings, "granularity", "edge") != "edge" or getattr(settings, "positions", "all") != "all":
-        raise ValueError(f"member '{name}': only edge scores over all positions can be combined (granularity: edge, positions: all)")
+        raise ValueError(f"{name}: only edge scores over all positions can be used (granularity: edge, positions: all)")
     for sweep_field in ("tau", "sparsity", "edges"):
         if isinstance(getattr(settings, sweep_field, None), list):
-            raise ValueError(f"member '{name}': {sweep_field} is a list (a sweep); a member must give one set of scores")
+            raise ValueError(f"{name}: {sweep_field} is a list (a sweep); a member must give one set of scores")
     return settings
 
 
@@ -145,9 +145,11 @@ class SubnetworkProbingSettings(MethodSettings):
 
     name: Literal["subnetwork_probing"] = "subnetwork_probing"
     batch_size: int = Field(32, ge=1, description="examples per optimisation step")
-    lambda_reg: float = Field(1.0, ge=0, description="weight of the expected-L0 regulariser (mean over nodes of P(mask > 0))")
-    steps: int = Field(3000, ge=1, description="optimisation steps (the ACDC paper's 3000 epochs)")
-    lr: float = Field(0.01, gt=0, description="Adam learning rate of the log-alphas (the ACDC code's default is 0.001)")
+    lambda_reg: float = Field(
+        1.0, ge=0, description="weight of the expected-L0 regulariser, mean over nodes of P(mask > 0) (the ACDC code: 100, swept 0.01-250)"
+    )
+    steps: int = Field(3000, ge=1, description="optimisation steps (the ACDC code's 3000 epochs, one batch each)")
+    lr: float = Field(0.01, gt=0, description="Adam learning rate of the log-alphas (the ACDC code: 0.001)")
     objective: Literal["kl", "metric"] = Field("kl", description="as edge_pruning's")
     init_log_alpha: float = Field(
         1.609, description="initial log-alpha (the SP code's: a mask of 0.9 before stretching, logit(1/1.2) ~ 1.61)"
@@ -176,7 +178,13 @@ class EnsembleSettings(MethodSettings):
     @field_validator("members")
     @classmethod
     def _members(cls, value):
-        return [member_settings(spec) for spec in value]
+        settings = []
+        for index, spec in enumerate(value):
+            try:
+                settings.append(member_settings(spec))
+            except ValueError as exc:
+                raise ValueError(f"member {index}: {exc}") from None
+        return settings
 
 
 LEARNED_METHODS = (

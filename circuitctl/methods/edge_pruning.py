@@ -8,8 +8,10 @@ layer). The loss is
 
     KL(full model || masked model) at the answer position + lambda1 (s - t) + lambda2 (s - t)^2,
 
-with s = 1 - mean of the sampled masks over the edges (the reference's model sparsity) and t the
-target sparsity, warmed up linearly from 0 over `sparsity_warmup_steps`. The log-alphas are
+with s the expected edge sparsity, 1 - mean over the edges of P(z > 0) (``sparsity_measure:
+expected``, smooth, with a gradient for every edge; ``sampled`` uses the sampled masks instead, as
+the reference does) and t the target sparsity, warmed up linearly from 0 over
+`sparsity_warmup_steps`. The log-alphas are
 minimised and the multipliers lambda1, lambda2 (starting at 0) maximised, both with AdamW
 (learning rate 0.8, torch's default weight decay 0.01, as the reference) under a linear warm-up
 and decay of the learning rate. Defaults are the reference's GPT-2 IOI settings: 3000 steps,

@@ -10,8 +10,6 @@ steps an uninterrupted run would have taken (bit for bit on the CPU).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from circuitctl.methods.base import DiscoveryContext
@@ -126,7 +124,3 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
             state.setdefault(int(parts[1]), {})[parts[2]] = value
     current = optimizer.state_dict()
     optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
-
-
-def is_finite(value: float) -> bool:
-    return math.isfinite(value)

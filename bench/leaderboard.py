@@ -1,0 +1,144 @@
+"""The offline MIB-style leaderboard: every edge method on the shipped toy GPT's IOI and induction tasks.
+
+    python bench/leaderboard.py               # every method, both tasks (about 15-30 minutes on one CPU thread)
+    python bench/leaderboard.py --smoke       # 8 pairs, a few steps: checks that every row runs (a few minutes)
+    python bench/leaderboard.py --markdown    # print the README table from the last results file
+
+Each row is a real `circuitctl discover` run (the library call, into bench/results/leaderboard_runs/)
+followed by `circuitctl evaluate faithfulness` on its circuit, with resample ablation and the
+logit difference, so every number comes from the code paths users run:
+
+* CPR: area under f over the MIB edge budgets (0.1 % ... 100 %), edges ranked by signed score
+  (higher is better); CMD: area under |1 - f| with edges ranked by |score| (lower is better);
+* f: faithfulness of the circuit at the run's default selection (the method's own circuit for
+  ACDC, path patching, CD-T and edge pruning; the top 100 edges otherwise), with its size;
+* seconds: wall time of the discovery alone (loading and evaluation excluded), one CPU thread.
+
+Settings per method are listed in METHODS below; the README explains the choices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, write_results  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TASKS = ("toy-ioi", "toy-induction")
+ENSEMBLE_MEMBERS = ["eap", {"name": "eap_ig", "steps": 5}, {"name": "eap_ig", "variant": "activations", "steps": 5}]
+EDGE_PRUNING = {"name": "edge_pruning", "edges": 20, "steps": 1500, "sparsity_warmup_steps": 1000, "lr_warmup_steps": 100, "lr": 0.1, "lambda_lr": 0.1}
+
+# row label -> method settings (the smoke run shortens the long ones, see `smoke_settings`)
+METHODS = {
+    "exact": {"name": "exact"},
+    "eap": {"name": "eap"},
+    "eap_ig (inputs, 5 steps)": {"name": "eap_ig", "steps": 5},
+    "eap_ig (activations, 5 steps)": {"name": "eap_ig", "variant": "activations", "steps": 5},
+    "acdc (tau 0.01)": {"name": "acdc", "tau": 0.01},
+    "path_patching": {"name": "path_patching"},
+    "cdt (decompose_qk)": {"name": "cdt", "decompose_qk": True},
+    "edge_pruning (20 edges)": EDGE_PRUNING,
+    "ifr": {"name": "ifr"},
+    "ensemble (mean_rank)": {"name": "ensemble", "members": ENSEMBLE_MEMBERS, "combine": "mean_rank"},
+    "ensemble (mean_normalized)": {"name": "ensemble", "members": ENSEMBLE_MEMBERS, "combine": "mean_normalized"},
+}
+
+
+def smoke_settings(settings: dict) -> dict:
+    if settings["name"] == "edge_pruning":
+        return {**settings, "steps": 30, "sparsity_warmup_steps": 20, "lr_warmup_steps": 5}
+    return settings
+
+
+def run_row(label: str, settings: dict, task: str, n_pairs: int | None, out: Path, batch_size: int) -> dict:
+    from circuitctl.config.load import validate_config
+    from circuitctl.evaluation import evaluate_faithfulness
+    from circuitctl.runner import discover
+
+    data = {
+        "model": {"path": str(ROOT / "models/toy-gpt"), "device": "cpu"},
+        "task": {"name": task, **({"n_pairs": n_pairs} if n_pairs else {})},
+        "method": {**settings, "batch_size": batch_size},
+        "ablation": "resample",
+        "metric": "logit_diff",
+        "output": {"dir": str(out)},
+        "seed": 0,
+    }
+    config = validate_config(data, f"leaderboard row '{label}'")
+    summary = discover(config, ROOT, force=True)
+    circuit = out / "circuit.json"
+    report, _ = evaluate_faithfulness(circuit, config, ROOT, out, force=True)
+    return {
+        "task": task,
+        "method": label,
+        "settings": settings,
+        "seconds": summary.seconds["discovery"],
+        "cpr": report.cpr,
+        "cmd": report.cmd,
+        "faithfulness": report.faithfulness,
+        "n_edges_in_circuit": report.n_edges_in_circuit,
+        "n_edges_total": report.n_edges_total,
+    }
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| task | method | CPR (higher better) | CMD (lower better) | f (default selection) | edges | seconds |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['task']} | {r['method']} | {r['cpr']:.2f} | {r['cmd']:.2f} | {r['faithfulness']:.2f} | "
+            f"{r['n_edges_in_circuit']} / {r['n_edges_total']} | {r['seconds']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="8 pairs per task and short learned-mask runs")
+    parser.add_argument("--methods", nargs="*", help="row labels to run (default: all)")
+    parser.add_argument("--tasks", nargs="*", default=list(TASKS))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--markdown", action="store_true", help="print the table of the last results file and exit")
+    args = parser.parse_args()
+    name = "leaderboard_smoke" if args.smoke else "leaderboard"
+    if args.markdown:
+        print(table(json.loads((RESULTS / f"{name}.json").read_text())["rows"]))
+        return
+    import os
+    import warnings
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    labels = args.methods or list(METHODS)
+    unknown = [label for label in labels if label not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; choose from {list(METHODS)}")
+    runs = RESULTS / f"{name}_runs"
+    rows = []
+    started = time.perf_counter()
+    for task in args.tasks:
+        for label in labels:
+            settings = smoke_settings(METHODS[label]) if args.smoke else METHODS[label]
+            slug = label.replace(" ", "_").replace("(", "").replace(")", "").replace(",", "")
+            row = run_row(label, settings, task, 8 if args.smoke else None, runs / task / slug, args.batch_size)
+            rows.append(row)
+            print(f"{task:14s} {label:32s} CPR {row['cpr']:6.2f}  CMD {row['cmd']:5.2f}  f {row['faithfulness']:5.2f}  "
+                  f"edges {row['n_edges_in_circuit']:3d}/{row['n_edges_total']}  {row['seconds']:7.1f} s", flush=True)
+    payload = {"smoke": args.smoke, "threads": args.threads, "batch_size": args.batch_size, "total_seconds": time.perf_counter() - started, "rows": rows}
+    print(table(rows))
+    print(f"wrote {write_results(name, payload)}")
+    if args.smoke:
+        shutil.rmtree(runs, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
