@@ -172,3 +172,27 @@ def test_subnetwork_probing_finds_the_planted_nodes(name, nodes):
     native = {context.graph.upstream[u] for u in result.membership.nonzero().flatten().tolist()}
     assert native == nodes
     assert result.extra["units"]["granularity"] == "node"
+
+
+def test_interrupted_subnetwork_probing_resumes_to_bit_identical_masks(tmp_path, monkeypatch):
+    _, context = planted_context("v_composition", n_pairs=8)
+    settings = SubnetworkProbingSettings(steps=20, lr=0.05, batch_size=4, checkpoint_every_seconds=3600)
+    reference = subnetwork_probing.discover(context, settings)
+    calls = {"n": 0}
+    original = subnetwork_probing.objective_loss
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(subnetwork_probing, "objective_loss", counted)
+    checkpoint = Checkpoint(tmp_path, "fingerprint")
+    with pytest.raises(InterruptedRun):
+        subnetwork_probing.discover(replace(context, checkpoint=checkpoint), settings)
+    calls["n"] = -100  # no more interruptions
+    resumed = subnetwork_probing.discover(replace(context, checkpoint=checkpoint, resume=True), settings)
+    assert calls["n"] == -100 + 20 - 7  # the 7 finished steps were not run again
+    assert torch.equal(resumed.scores, reference.scores) and torch.equal(resumed.membership, reference.membership)
+    assert resumed.files == reference.files
