@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -110,7 +110,6 @@ def main() -> None:
     if args.markdown:
         print(table(json.loads((RESULTS / f"{name}.json").read_text())["rows"]))
         return
-    import os
     import warnings
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -123,19 +122,24 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; choose from {list(METHODS)}")
     runs = RESULTS / f"{name}_runs"
-    rows = []
-    started = time.perf_counter()
+    # rows of an earlier run (other tasks or methods) are kept; each finished row is saved at once
+    previous = RESULTS / f"{name}.json"
+    rows = json.loads(previous.read_text())["rows"] if previous.exists() and (args.methods or args.tasks != list(TASKS)) else []
+    load = os.getloadavg()[0]
     for task in args.tasks:
         for label in labels:
             settings = smoke_settings(METHODS[label]) if args.smoke else METHODS[label]
             slug = label.replace(" ", "_").replace("(", "").replace(")", "").replace(",", "")
             row = run_row(label, settings, task, 8 if args.smoke else None, runs / task / slug, args.batch_size)
-            rows.append(row)
+            row["load_average_at_start"] = load
+            rows = [r for r in rows if (r["task"], r["method"]) != (task, label)] + [row]
             print(f"{task:14s} {label:32s} CPR {row['cpr']:6.2f}  CMD {row['cmd']:5.2f}  f {row['faithfulness']:5.2f}  "
                   f"edges {row['n_edges_in_circuit']:3d}/{row['n_edges_total']}  {row['seconds']:7.1f} s", flush=True)
-    payload = {"smoke": args.smoke, "threads": args.threads, "batch_size": args.batch_size, "total_seconds": time.perf_counter() - started, "rows": rows}
+            write_results(name, {"smoke": args.smoke, "threads": args.threads, "batch_size": args.batch_size, "rows": rows})
+    order = {(t, m): i for i, (t, m) in enumerate((t, m) for t in TASKS for m in METHODS)}
+    rows.sort(key=lambda r: order.get((r["task"], r["method"]), len(order)))
     print(table(rows))
-    print(f"wrote {write_results(name, payload)}")
+    print(f"wrote {write_results(name, {'smoke': args.smoke, 'threads': args.threads, 'batch_size': args.batch_size, 'rows': rows})}")
     if args.smoke:
         shutil.rmtree(runs, ignore_errors=True)
 

@@ -75,6 +75,32 @@ def test_gradient_of_the_masked_forward_at_the_full_model_is_eap(name):
     torch.testing.assert_close(-context.metric.importance_sign * keep.grad * graph.edge_mask, eap_scores, atol=1e-5, rtol=1e-4)
 
 
+def test_a_masked_pass_frees_its_graph_without_the_garbage_collector(monkeypatch):
+    """No reference cycle through the autograd graph: a step's activations are freed when its
+    outputs are (a cycle made edge pruning grow by 12 MB per step on the toy GPT)."""
+    import gc
+    import weakref
+
+    from circuitctl.methods import edge_pruning_forward
+
+    adapter = ModelAdapter(random_model(0))
+    graph = adapter.graph
+    tokens = random_tokens(2, 5, 13, 1)
+    positions = torch.tensor([4, 4])
+    ablation = adapter.run(random_tokens(2, 5, 13, 2), positions).outputs
+    refs = []
+    append = edge_pruning_forward._Writers.append
+    monkeypatch.setattr(edge_pruning_forward._Writers, "append", lambda self, block: (refs.append(weakref.ref(block)), append(self, block))[1])
+    gc.disable()
+    try:
+        keep = torch.full((graph.n_upstream, graph.n_downstream), 0.7, requires_grad=True)
+        with torch.enable_grad():
+            masked_logits(adapter, tokens, positions, ablation, keep).sum().backward()
+        assert refs and all(ref() is None for ref in refs)
+    finally:
+        gc.enable()
+
+
 # ------------------------------------------------------------------------------------------
 # Hard-concrete masks
 # ------------------------------------------------------------------------------------------

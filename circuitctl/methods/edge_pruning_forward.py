@@ -59,20 +59,22 @@ class _Mix(torch.autograd.Function):
     """weights^T @ buffer[:n] for the writers' blocks (autograd inputs) whose values the buffer holds."""
 
     @staticmethod
-    def forward(ctx, weights: torch.Tensor, writers: _Writers, *blocks: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, weights: torch.Tensor, buffer: torch.Tensor, *blocks: torch.Tensor) -> torch.Tensor:
+        # only the detached buffer and the shapes are kept: holding the blocks (graph tensors) on
+        # ctx would make a reference cycle through the graph that outlives the step
         n = weights.shape[0]
-        ctx.writers, ctx.sizes = writers, [b.shape[0] for b in blocks]
+        ctx.buffer, ctx.shapes = buffer, [b.shape for b in blocks]
         ctx.save_for_backward(weights)
-        return weights.T @ writers.buffer[:n]
+        return weights.T @ buffer[:n]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (weights,) = ctx.saved_tensors
         n = weights.shape[0]
-        grad_weights = ctx.writers.buffer[:n] @ grad.T if ctx.needs_input_grad[0] else None
+        grad_weights = ctx.buffer[:n] @ grad.T if ctx.needs_input_grad[0] else None
         grad_rows = weights @ grad
-        shapes = [block.shape for block in ctx.writers.blocks[: len(ctx.sizes)]]
-        grad_blocks = [g.view(shape) for g, shape in zip(grad_rows.split(ctx.sizes), shapes)]
+        sizes = [shape[0] for shape in ctx.shapes]
+        grad_blocks = [g.view(shape) for g, shape in zip(grad_rows.split(sizes), ctx.shapes)]
         return (grad_weights, None, *grad_blocks)
 
 
@@ -113,7 +115,7 @@ def masked_logits(
     def mix(columns: range, n_up: int) -> torch.Tensor:
         """sum_u drop[u, v] * diff_u for the downstream inputs `columns` over the first n_up writers."""
         weights = drop[:n_up, columns.start : columns.stop]
-        return _Mix.apply(weights, writers, *writers.upto(n_up)).view(len(columns), B, P, -1)
+        return _Mix.apply(weights, writers.buffer, *writers.upto(n_up)).view(len(columns), B, P, -1)
 
     def keep_resid(x, hook):
         resid_pre[hook.layer()] = x
