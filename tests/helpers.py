@@ -6,7 +6,7 @@ from circuitctl.config.schema import AblationConfig
 from circuitctl.methods.base import DiscoveryContext
 from circuitctl.metrics.metrics import METRICS
 from circuitctl.models.adapter import ModelAdapter
-from circuitctl.models.planted import build, build_model
+from circuitctl.models.planted import REDUNDANT, build, build_model  # the one import of the planted models (re-exported)
 from circuitctl.tasks.data import tokenize_pairs
 from circuitctl.tasks.records import pair_from_record
 

@@ -18,13 +18,12 @@ import functools
 
 import pytest
 import torch
-from helpers import planted_context, planted_settings
+from helpers import REDUNDANT, build, build_model, planted_context, planted_settings
 from reference_patching import ReferencePatcher, edge_effects, logit_diff, pair_tensors
 
 from circuitctl.config.methods import EapSettings, ExactSettings
 from circuitctl.methods import eap, edge_pruning, exact
 from circuitctl.metrics.faithfulness import normalized_faithfulness, top_edges
-from circuitctl.models.planted import REDUNDANT, build, build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (tests/conftest.py)
 
