@@ -1,6 +1,8 @@
-"""Shared helpers for the benchmarks: model shapes, timing, peak memory, result tables.
+"""Shared helpers for the benchmarks: model shapes, timing, peak memory, the measured steps,
+result tables.
 
-Each measurement runs in a fresh subprocess so its peak RSS is its own.
+Each measurement of `run_all.py` runs in a fresh subprocess so its peak RSS is its own;
+`gpu_check.py` runs its rows in one worker process and reads the GPU's peak per row.
 """
 
 from __future__ import annotations
@@ -23,17 +25,39 @@ SHAPES = {
         act_fn="gelu_new", normalization_type="LN",
     ),
     "tiny": dict(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=64, n_ctx=32, act_fn="gelu", normalization_type="LN"),
+    # Llama-3-8B's shape (grouped-query attention, gated SiLU MLPs, RMSNorm, rotary), random weights
+    "llama-3-8b-shape": dict(
+        n_layers=32, d_model=4096, n_heads=32, n_key_value_heads=8, d_head=128, d_mlp=14336, d_vocab=128256, n_ctx=2048,
+        act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=128, rotary_base=500000,
+        gated_mlp=True, final_rms=True,
+    ),
+    "tiny-gqa": dict(
+        n_layers=2, d_model=32, n_heads=4, n_key_value_heads=2, d_head=8, d_mlp=64, d_vocab=64, n_ctx=160,
+        act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=8, gated_mlp=True, final_rms=True,
+    ),
 }
 
+# Steps that are not discovery methods (`run_step`): what `circuitctl evaluate faithfulness` runs;
+# for memory checks, the engine's state cached for every example (ACDC and the evaluation keep
+# it), ACDC's state when its search starts, one patched pass of exact patching's K single edges
+# and one of the evaluation's K circuits.
+EVALUATION = "evaluation"
+CACHE, ACDC_START, PATCHED, PATCHED_CIRCUITS = "engine_cache", "acdc_start", "patched_pass", "patched_circuits"
 
-def build_model(shape: str, seed: int = 0, **overrides):
+
+def build_model(shape: str, seed: int = 0, device: str | None = None, **overrides):
+    """A HookedTransformer of a named shape with random weights. With `device`, the weights are
+    created and initialised there (an 8B-parameter shape is built on the GPU in seconds)."""
     warnings.filterwarnings("ignore")
     import torch
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     torch.manual_seed(seed)
     fields = {**SHAPES[shape], **overrides, "seed": seed}
-    return HookedTransformer(HookedTransformerConfig(**fields))
+    if device is None:
+        return HookedTransformer(HookedTransformerConfig(**fields))
+    with torch.device(device):
+        return HookedTransformer(HookedTransformerConfig(**fields, device=str(device)))
 
 
 def random_pairs(vocab: int, n: int, length: int, seed: int = 0):
@@ -49,6 +73,98 @@ def random_pairs(vocab: int, n: int, length: int, seed: int = 0):
         return torch.randint(0, vocab, shape, generator=g)
 
     return TaskData(tokens(n, length), tokens(n, length), torch.full((n,), length), tokens(n, 1), tokens(n, 1), {})
+
+
+def synchronize(device) -> None:
+    """Wait for the GPU's queued work (timings and memory peaks are read after it)."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def forward_backward(adapter, data, batch: int) -> None:
+    """A plain clean forward + backward to the input embeddings (parameters frozen), batched:
+    the unit the benchmarks' ratios are measured in."""
+    import torch
+
+    for piece in data.batches(batch):
+        piece = piece.to(adapter.device)
+        resid = adapter.embed(piece.clean).detach().requires_grad_(True)
+        with torch.enable_grad():
+            for block in adapter.model.blocks:
+                resid = block(resid)
+            logits = adapter._unembed_at(resid, piece.answer_positions)
+            (logits.gather(1, piece.answers[:, :1]) - logits.gather(1, piece.wrong[:, :1])).sum().backward()
+
+
+def evaluation_step(context, batch: int) -> float:
+    """What `evaluate faithfulness` runs: m(full), m(empty), and 2 + 2 x 10 circuits (f(C),
+    completeness, the MIB curves) from one ranking. Returns forward-pass equivalents."""
+    import torch
+
+    from circuitctl.metrics.faithfulness import MIB_PERCENTAGES, n_edges_for_percentage, top_edges
+
+    graph = context.graph
+    engine = context.engine(batch, keep_cache=True)
+    engine.full_and_empty()
+    scores = torch.randn(graph.n_upstream, graph.n_downstream, generator=torch.Generator().manual_seed(0))
+    keep = [top_edges(scores, graph.edge_mask, n_edges_for_percentage(p, graph.n_edges), absolute) for absolute in (False, True) for p in MIB_PERCENTAGES]
+    circuit = keep[5]
+    engine.circuit_values(torch.stack([circuit, graph.edge_mask & ~circuit, *keep]))
+    return 2 + 1 + 2 + len(keep)  # clean, corrupt, empty, circuit, complement, curves
+
+
+def run_step(context, step: str, batch: int, settings: dict | None = None, record: dict | None = None) -> float:
+    """Run one benchmark step on `context` (a DiscoveryContext): a discovery method (with
+    `settings` beside the defaults), the evaluation, or one of the memory steps above.
+    Returns the forward-pass equivalents it reports; a method's own circuit size (ACDC) goes
+    into `record["edges_kept"]`."""
+    import torch
+
+    from circuitctl.config.methods import METHODS
+
+    adapter = context.adapter
+    if step == CACHE:
+        engine = context.engine(batch, keep_cache=True)
+        return 2 * len(list(engine.states())) / max(1, -(-context.data.n // batch))
+    if step == ACDC_START:  # what ACDC's incremental evaluator holds when its search starts
+        from circuitctl.methods.acdc.nodes import NodeComputer
+        from circuitctl.methods.acdc.incremental import IncrementalSearch
+
+        IncrementalSearch(context.engine(batch, keep_cache=True), NodeComputer(adapter)).current_value()
+        return 2.0
+    if step in (PATCHED, PATCHED_CIRCUITS):
+        graph = context.graph
+        if step == PATCHED:  # exact patching's first patched pass: K single edges into layer 0
+            from circuitctl.methods.exact import single_edge_chunks
+
+            K = METHODS.get("exact").settings(name="exact").candidates_per_pass
+            us, vs = (torch.tensor(x) for x in zip(*next(single_edge_chunks(graph, K))))
+            masks = torch.zeros(len(us), graph.n_upstream, graph.n_downstream, dtype=torch.bool)
+            masks[torch.arange(len(us)), us, vs] = True
+        else:  # the evaluation's patched pass: K circuits with ablated edges in every layer
+            from memory_table import EVALUATION_K
+
+            masks = graph.edge_mask[None].repeat(EVALUATION_K, 1, 1)  # the empty circuit, K times
+        engine = context.engine(batch)
+        for state in engine.states():
+            engine.patched_metric(state, masks)
+        return 2.0 + len(masks)
+    if step == EVALUATION:
+        return evaluation_step(context, batch)
+    from circuitctl.methods.base import run_method
+
+    result = run_method(context, METHODS.get(step).settings(name=step, batch_size=batch, **(settings or {})))
+    if record is not None and getattr(result, "membership", None) is not None:
+        record["edges_kept"] = int(result.membership.sum())
+    return result.stats["forward_passes"] if hasattr(result, "stats") else result.forward_passes  # sfc: a feature circuit
 
 
 def peak_rss_mb() -> float:

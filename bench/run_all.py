@@ -33,12 +33,23 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import build_model, peak_rss_mb, random_pairs, write_results  # noqa: E402
+from common import (  # noqa: E402
+    ACDC_START,
+    CACHE,
+    EVALUATION,
+    PATCHED,
+    PATCHED_CIRCUITS,
+    build_model,
+    forward_backward,
+    peak_rss_mb,
+    random_pairs,
+    run_step,
+    synchronize,
+    timed,
+    write_results,
+)
 
-EVALUATION = "evaluation"
-# memory check only (--memory): the engine's cached state (clean + ablation activations) that ACDC
-# and the evaluation keep for every example; ACDC's state when its search starts; one patched pass
-CACHE, ACDC_START, PATCHED, PATCHED_CIRCUITS = "engine_cache", "acdc_start", "patched_pass", "patched_circuits"
+# CACHE, ACDC_START, PATCHED and PATCHED_CIRCUITS are for the memory check only (--memory)
 # one patched (or decomposed) pass per edge, source or path: on a reduced model by default
 SLOW = ("exact", "acdc", "cdt", "path_patching")
 PUBLISHED = "published, IOI on GPT-2 small, 200 examples, one H100: EAP 21 s, ACDC 18,783 s (targets: EAP < 5 s, ACDC < 10 min)"
@@ -52,8 +63,8 @@ def _data(model_name: str, layers: int | None, examples: int, length: int, seed:
     if model_name.startswith("planted:"):
         from dataclasses import replace
 
-        from circuitctl.models.planted import build
-        from circuitctl.models.planted import build_model as build_planted
+        from circuitctl.testing.planted import build
+        from circuitctl.testing.planted import build_model as build_planted
         from circuitctl.tasks.data import tokenize_pairs
         from circuitctl.tasks.records import pair_from_record
 
@@ -66,49 +77,12 @@ def _data(model_name: str, layers: int | None, examples: int, length: int, seed:
     return model, random_pairs(model.cfg.d_vocab, examples, length, seed)
 
 
-def _forward_backward(adapter, data, batch: int) -> None:
-    """A plain clean forward + backward to the input embeddings (parameters frozen), batched."""
-    import torch
-
-    for piece in data.batches(batch):
-        resid = adapter.embed(piece.clean).detach().requires_grad_(True)
-        with torch.enable_grad():
-            for block in adapter.model.blocks:
-                resid = block(resid)
-            logits = adapter._unembed_at(resid, piece.answer_positions)
-            (logits.gather(1, piece.answers[:, :1]) - logits.gather(1, piece.wrong[:, :1])).sum().backward()
-
-
-def _evaluation(context, batch: int) -> float:
-    """What `evaluate faithfulness` runs: m(full), m(empty), and 2 + 2 x 10 circuits (f(C),
-    completeness, the MIB curves) from one ranking. Returns forward-pass equivalents."""
-    import torch
-
-    from circuitctl.metrics.faithfulness import MIB_PERCENTAGES, n_edges_for_percentage, top_edges
-
-    graph = context.graph
-    engine = context.engine(batch, keep_cache=True)
-    engine.full_and_empty()
-    scores = torch.randn(graph.n_upstream, graph.n_downstream, generator=torch.Generator().manual_seed(0))
-    keep = [top_edges(scores, graph.edge_mask, n_edges_for_percentage(p, graph.n_edges), absolute) for absolute in (False, True) for p in MIB_PERCENTAGES]
-    circuit = keep[5]
-    engine.circuit_values(torch.stack([circuit, graph.edge_mask & ~circuit, *keep]))
-    return 2 + 1 + 2 + len(keep)  # clean, corrupt, empty, circuit, complement, curves
-
-
-def _timed(fn) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
-
-
 def inner(model_name: str, layers: int, method: str, examples: int, length: int, batch: int) -> dict:
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    from circuitctl.config.methods import METHODS
     from circuitctl.config.schema import AblationConfig
-    from circuitctl.methods.base import DiscoveryContext, run_method
+    from circuitctl.methods.base import DiscoveryContext
     from circuitctl.metrics.metrics import METRICS
     from circuitctl.models.adapter import ModelAdapter
 
@@ -119,61 +93,24 @@ def inner(model_name: str, layers: int, method: str, examples: int, length: int,
     metric = METRICS.get("kl" if method == "acdc" else "logit_diff")  # ACDC's default metric; EAP refuses KL
     context = DiscoveryContext(adapter, data, metric, AblationConfig())
 
-    def synchronize():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
     def baseline():
-        _forward_backward(adapter, data, batch)
-        synchronize()
+        forward_backward(adapter, data, batch)
+        synchronize(device)
 
-    first = _timed(baseline)  # warm-up
-    fwd_bwd = min(_timed(baseline) for _ in range(max(2, min(20, int(2 / max(first, 1e-3))))))
+    first = timed(baseline)  # warm-up
+    fwd_bwd = min(timed(baseline) for _ in range(max(2, min(20, int(2 / max(first, 1e-3))))))
     rss_baseline = peak_rss_mb()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     forward_passes = []
 
     def run():
-        if method == CACHE:  # the engine's state for every example, as ACDC and the evaluation keep it
-            engine = context.engine(batch, keep_cache=True)
-            forward_passes.append(2 * len(list(engine.states())) / max(1, -(-data.n // batch)))
-        elif method == ACDC_START:  # what ACDC's incremental evaluator holds when its search starts
-            from circuitctl.models.nodes import NodeComputer
-            from circuitctl.patching.incremental import IncrementalSearch
+        forward_passes.append(run_step(context, method, batch))
+        synchronize(device)
 
-            engine = context.engine(batch, keep_cache=True)
-            IncrementalSearch(engine, NodeComputer(adapter)).current_value()
-            forward_passes.append(2.0)
-        elif method == PATCHED:  # exact patching's first patched pass: K single edges into layer 0
-            from circuitctl.methods.exact import single_edge_chunks
-
-            K = METHODS.get("exact").settings(name="exact").candidates_per_pass
-            us, vs = (torch.tensor(x) for x in zip(*next(single_edge_chunks(context.graph, K))))
-            masks = torch.zeros(len(us), context.graph.n_upstream, context.graph.n_downstream, dtype=torch.bool)
-            masks[torch.arange(len(us)), us, vs] = True
-            engine = context.engine(batch)
-            for state in engine.states():
-                engine.patched_metric(state, masks)
-            forward_passes.append(2.0 + len(us))
-        elif method == PATCHED_CIRCUITS:  # the evaluation's patched pass: K circuits, ablated edges in every layer
-            from memory_table import EVALUATION_K
-
-            masks = context.graph.edge_mask[None].repeat(EVALUATION_K, 1, 1)  # the empty circuit, K times
-            engine = context.engine(batch)
-            for state in engine.states():
-                engine.patched_metric(state, masks)
-            forward_passes.append(2.0 + len(masks))
-        elif method == EVALUATION:
-            forward_passes.append(_evaluation(context, batch))
-        else:
-            settings = METHODS.get(method).settings(name=method, batch_size=batch)
-            forward_passes.append(run_method(context, settings).forward_passes)
-        synchronize()
-
-    seconds = _timed(run)
+    seconds = timed(run)
     if seconds < 5:  # cheap: repeat, keep the fastest
-        seconds = min([seconds] + [_timed(run) for _ in range(2 if seconds > 1 else 5)])
+        seconds = min([seconds] + [timed(run) for _ in range(2 if seconds > 1 else 5)])
     return {
         "seconds": seconds,
         "fwd_bwd_seconds": fwd_bwd,

@@ -12,6 +12,7 @@ recorded so that resuming with a different config is refused instead of silently
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -26,7 +27,7 @@ from circuitctl.io.files import write_atomic, write_json
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: state.json records checksums of itself and of the tensor file
 
 
 class Checkpoint:
@@ -65,17 +66,21 @@ class Checkpoint:
         tensor_file = f"tensors-{generation}.safetensors"
         blob = save({name: t.detach().cpu().contiguous() for name, t in tensors.items()})
         write_atomic(self.dir / tensor_file, blob)
-        write_json(
-            self.dir / STATE_FILE,
-            {
-                "format": FORMAT_VERSION,
-                "method": method,
-                "fingerprint": self.fingerprint,
-                "generation": generation,
-                "tensor_file": tensor_file,
-                "state": state,
-            },
-        )
+        record = {
+            "format": FORMAT_VERSION,
+            "method": method,
+            "fingerprint": self.fingerprint,
+            "generation": generation,
+            "tensor_file": tensor_file,
+            "tensor_sha256": hashlib.sha256(blob).hexdigest(),
+            "state": state,
+        }
+        record["checksum"] = _checksum(record)
+        try:
+            write_json(self.dir / STATE_FILE, record)
+        except BaseException:  # e.g. a full disk: the previous checkpoint stays the one state.json names
+            (self.dir / tensor_file).unlink(missing_ok=True)
+            raise
         if previous and previous != tensor_file:
             (self.dir / previous).unlink(missing_ok=True)
 
@@ -87,10 +92,7 @@ class Checkpoint:
         record = self._read_state()
         if record.get("method") != method:
             raise UsageError(f"{self.dir}: the checkpoint belongs to method '{record.get('method')}', not '{method}'")
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(self.dir / record["tensor_file"]))
-        return record["state"], tensors
+        return record["state"], self._read_tensors(record)
 
     def clear(self) -> None:
         if not self.dir.is_dir():
@@ -100,11 +102,54 @@ class Checkpoint:
         os.rmdir(self.dir)
 
     def _read_state(self) -> dict[str, Any]:
+        """state.json, verified against its checksum: a truncated or altered file is refused, never
+        used and never replaced (a resumed run must not silently start over)."""
         path = self.dir / STATE_FILE
         try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UsageError(f"{path}: unreadable checkpoint ({exc}); delete the checkpoint folder to start over") from exc
+            record = json.loads(path.read_bytes().decode("utf-8"))
+        except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
+            raise UsageError(f"{path}: unreadable checkpoint ({_short(exc)}); {_LEFT_AS_IS.format(dir=self.dir)}") from exc
+        if not isinstance(record, dict) or not isinstance(record.get("state"), dict):
+            raise UsageError(f"{path}: not a checkpoint state (no 'state' mapping); {_LEFT_AS_IS.format(dir=self.dir)}")
+        if record.get("format", 1) >= 2 and record.get("checksum") != _checksum(record):
+            raise UsageError(
+                f"{path}: corrupt checkpoint (its checksum does not match its contents: the file was truncated or "
+                f"changed); {_LEFT_AS_IS.format(dir=self.dir)}"
+            )
+        return record
+
+    def _read_tensors(self, record: dict[str, Any]) -> dict:
+        """The checkpoint's tensors, verified against the checksum that state.json records."""
+        from safetensors.torch import load
+
+        path = self.dir / str(record.get("tensor_file"))
+        try:
+            blob = path.read_bytes()
+        except OSError as exc:
+            raise UsageError(f"{path}: the checkpoint's tensor file cannot be read ({_short(exc)}); {_LEFT_AS_IS.format(dir=self.dir)}") from exc
+        expected = record.get("tensor_sha256")
+        if expected is not None and hashlib.sha256(blob).hexdigest() != expected:
+            raise UsageError(
+                f"{path}: corrupt checkpoint tensors (the file's checksum does not match the one state.json records: "
+                f"it was truncated or changed); {_LEFT_AS_IS.format(dir=self.dir)}"
+            )
+        try:
+            return load(blob)
+        except Exception as exc:  # safetensors raises its own error types for malformed files
+            raise UsageError(f"{path}: unreadable checkpoint tensors ({_short(exc)}); {_LEFT_AS_IS.format(dir=self.dir)}") from exc
+
+
+_LEFT_AS_IS = "it is left as it is; delete {dir} to start the run over"
+
+
+def _short(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+
+
+def _checksum(record: dict[str, Any]) -> str:
+    """SHA-256 of a state record without its own checksum, in canonical JSON."""
+    body = {k: v for k, v in record.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 class Autosave:

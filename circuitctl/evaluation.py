@@ -1,4 +1,9 @@
-"""`evaluate faithfulness`: f(C), completeness and the MIB curve (CPR / CMD) for a circuit file."""
+"""`evaluate faithfulness`: f(C), completeness and the faithfulness curve of a circuit file of any kind.
+
+The file is read once (`circuitctl.circuits.record.load_circuit_file`: ours of either schema
+version, or MIB's); its ``space`` entry rebuilds the circuit space for the config's model and
+task, and the one evaluator and report builder do the rest.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,6 @@ from pathlib import Path
 
 from circuitctl.config.schema import RunConfig
 from circuitctl.report import FaithfulnessReport, faithfulness_report, plot_curve, report_targets, write_report
-from circuitctl.session import open_session
 
 __all__ = ["FaithfulnessReport", "evaluate_faithfulness"]
 
@@ -18,46 +22,71 @@ def evaluate_faithfulness(
     config_dir: Path | None,
     out_dir: Path,
     force: bool = False,
-    known_edges: list[str] | None = None,
+    known: list[str] | None = None,
     batch_size: int | None = None,
+    curve_rule: str = "mib",
 ) -> tuple[FaithfulnessReport, list[Path]]:
-    from circuitctl.io.feature_circuit import is_feature_circuit
+    from circuitctl.circuits import space_for
+    from circuitctl.circuits.evaluator import CircuitEvaluator
+    from circuitctl.circuits.record import load_circuit_file
+    from circuitctl.session import open_session
 
-    if is_feature_circuit(circuit_path):  # SAE feature circuits: nodes mean-ablated, curve over node thresholds
-        from circuitctl.errors import UsageError
-        from circuitctl.sae.evaluate import evaluate_feature_circuit
-
-        if known_edges is not None:
-            raise UsageError("--known lists edges of the head/MLP graph; it does not apply to a feature circuit")
-        return evaluate_feature_circuit(circuit_path, config, config_dir, out_dir, force, batch_size)
-    from circuitctl.io.circuit_file import unit_circuit_record
-
-    unit_record = unit_circuit_record(circuit_path)
-    if unit_record is not None:  # node, neuron or per-position circuits: their units are ablated
-        from circuitctl.unit_circuits import evaluate_circuit
-
-        return evaluate_circuit(circuit_path, unit_record, config, config_dir, out_dir, force, known_edges, batch_size)
+    loaded = load_circuit_file(circuit_path)
     targets = report_targets(out_dir, force)
     session = open_session(config, config_dir)
-
-    from circuitctl.io.circuit_file import read_circuit
-    from circuitctl.patching.engine import PatchingEngine
-
-    graph = session.adapter.graph
-    loaded = read_circuit(circuit_path, graph)
-    engine = PatchingEngine(
-        session.adapter, session.data, session.metric, config.ablation, batch_size or config.method.batch_size, keep_cache=True
+    check_graph(loaded, session.adapter.graph)
+    space = space_for(loaded.record["space"], session.adapter, session.data)
+    scores, membership = space.read(loaded.record, loaded.origin)
+    evaluator = CircuitEvaluator(
+        space, session.adapter, session.data, session.metric, config.ablation, batch_size or config.method.batch_size, config.cache_gib
     )
-    circuit = loaded.membership & graph.edge_mask
-    known = None
-    if known_edges is not None:
-        from circuitctl.metrics.faithfulness import against_known
-
-        names = graph.edge_names()
-        scores = [float(loaded.scores[graph.edge_index(e)]) for e in names]
-        known = against_known(known_edges, names, scores, set(graph.mask_to_edges(circuit)))
-    report = faithfulness_report(
-        circuit_path, config, engine, session.data.n, graph.edge_mask, graph.n_edges, loaded.scores, circuit, "evaluating circuits", known
-    )
+    known_report = against_known_units(known, space, scores, membership) if known is not None else None
+    report = faithfulness_report(circuit_path, config, evaluator, scores, membership, known_report, curve_rule)
     write_report(targets, asdict(report), plot_curve(report))
-    return report, targets
+    return report, targets + refresh_viewer_beside(circuit_path, out_dir)
+
+
+def refresh_viewer_beside(circuit_path: Path, out_dir: Path) -> list[Path]:
+    """Rewrite the run directory's circuit.html when the report was written beside its
+    circuit.json, so the page shows the curve; returns the page written. A viewer problem is a
+    note (`circuitctl.batching.note`), never a failed evaluation."""
+    from circuitctl.batching import note
+    from circuitctl.circuits.record import circuit_path as circuit_file
+    from circuitctl.viewer import refresh_viewer
+
+    circuit = circuit_file(circuit_path)
+    if circuit.name != "circuit.json" or circuit.parent.resolve() != Path(out_dir).resolve():
+        return []
+    page, problem = refresh_viewer(out_dir)
+    if problem:
+        note(problem)
+    return [page] if page is not None else []
+
+
+def check_graph(loaded, graph) -> None:
+    """Refuse a circuit made for a model of another shape."""
+    from circuitctl.errors import UsageError
+
+    spec = loaded.record.get("graph") or {}
+    theirs = (spec.get("n_layers"), spec.get("n_heads"))
+    ours = (graph.spec.n_layers, graph.spec.n_heads)
+    if None not in theirs and theirs != ours:
+        raise UsageError(
+            f"{loaded.origin}: the circuit was made for a model with {theirs[0]} layers x {theirs[1]} heads, "
+            f"but this model has {ours[0]} x {ours[1]}"
+        )
+
+
+def against_known_units(known: list[str], space, scores, membership) -> dict:
+    """Precision, recall and ROC AUC of the circuit's units against a list of true unit names."""
+    from circuitctl.errors import UsageError
+    from circuitctl.metrics.faithfulness import against_known
+
+    names = space.unit_names()
+    unknown = sorted(set(known) - set(names))
+    if unknown:
+        raise UsageError(f"--known names {len(unknown)} {space.unit} that this circuit's space does not have (e.g. '{unknown[0]}')")
+    index = space.mask.nonzero()
+    flat_scores = scores[tuple(index.T)].tolist()
+    flat_member = membership[tuple(index.T)].tolist()
+    return against_known(known, names, flat_scores, {n for n, m in zip(names, flat_member) if m})

@@ -1,10 +1,8 @@
 """The faithfulness report of `evaluate faithfulness`: faithfulness.json and faithfulness_curve.png.
 
-One builder for every kind of circuit: edge circuits (circuitctl.evaluation), node, neuron and
-per-position circuits (circuitctl.unit_circuits) measure f(C), completeness and the MIB curve
-(CPR / CMD) with `faithfulness_report`; feature circuits (circuitctl.sae.evaluate) have their
-own curve but the same files, provenance and plotting through `report_targets`,
-`report_provenance`, `write_report` and `render_png`.
+One builder for every kind of circuit (edges, nodes, neurons, per-position units, SAE
+features): f(C), completeness and the curve of f over circuits of growing size, ranked by signed
+score and by |score|; for the MIB percentages, CPR and CMD.
 """
 
 from __future__ import annotations
@@ -14,7 +12,6 @@ from pathlib import Path
 from typing import Callable
 
 from circuitctl.io.files import refuse_overwrite, write_atomic, write_json
-from circuitctl.metrics.faithfulness import MIB_PERCENTAGES
 
 REPORT_FILES = ("faithfulness.json", "faithfulness_curve.png")
 
@@ -22,21 +19,26 @@ REPORT_FILES = ("faithfulness.json", "faithfulness_curve.png")
 @dataclass
 class FaithfulnessReport:
     circuit: str
-    n_edges_total: int
-    n_edges_in_circuit: int
+    kind: str  # the circuit space: edge | node | neuron | positional_edge | positional_node | feature
+    unit: str  # edges | nodes | neurons | features
+    n_total: int
+    n_in_circuit: int
     metric: str
     ablation: str
     metric_full: float
     metric_empty: float
     metric_circuit: float
     metric_complement: float
-    faithfulness: float
-    completeness: float
-    percentages: list[float]
-    curve_signed: list[float]
-    curve_absolute: list[float]
-    cpr: float
-    cmd: float
+    faithfulness: float | None  # None: undefined (see faithfulness_undefined)
+    completeness: float | None
+    curve_rule: str  # how the curve's circuits were chosen: "mib" (MIB's exact rule) or "circuitctl"
+    curve_sizes: list[int]  # units taken at each point of the curve (before MIB's pruning)
+    percentages: list[float] | None  # the MIB percentages those sizes stand for (None: plain counts)
+    curve_signed: list[float | None]
+    curve_absolute: list[float | None]
+    cpr: float | None
+    cmd: float | None
+    faithfulness_undefined: str | None = None
     known_circuit: dict | None = None
     provenance: dict | None = None  # the config, its hash, the seed, library versions, time
 
@@ -48,47 +50,60 @@ def report_targets(out_dir: Path, force: bool) -> list[Path]:
     return targets
 
 
-def faithfulness_report(
-    circuit_path: Path,
-    config,
-    evaluator,
-    n_prompts: int,
-    mask,
-    n_total: int,
-    scores,
-    circuit,
-    progress: str,
-    known_circuit: dict | None = None,
-) -> FaithfulnessReport:
-    """f(C), completeness and the MIB curve of a circuit over `mask`'s units (edges, nodes, neurons...).
+def curve_circuits(space, scores, rule: str):
+    """(sizes, MIB percentages or None, circuits by signed score, circuits by |score|, the rule used).
 
-    `evaluator` (a PatchingEngine or a UnitEvaluator) gives m(M) and m(empty) with
-    `full_and_empty()` and the metric of circuits (bool masks shaped like `mask`) with
-    `circuit_values`; `circuit` is the circuit's membership within `mask`, `scores` rank the
-    units for the curve (signed for CPR, |score| for CMD)."""
+    ``mib``: MIB's exact rule (`circuitctl.metrics.mib`) for edge and node circuits of ungrouped
+    graphs; other kinds, and ``circuitctl``: the top-k units by a stable sort, k = ceil(p * n) >= 1."""
     import torch
 
-    from circuitctl.metrics.faithfulness import cpr_cmd, n_edges_for_percentage, normalized_faithfulness, top_edges
+    from circuitctl.metrics.faithfulness import top_edges
+    from circuitctl.metrics.mib import FRACTIONS, mib_edge_circuits, mib_node_circuits
+
+    builder = {"edge": mib_edge_circuits, "node": mib_node_circuits}.get(space.kind)
+    if rule == "mib" and builder is not None and not space.graph.spec.grouped:
+        sizes, signed = builder(space.graph, scores, absolute=False)
+        _, absolute = builder(space.graph, scores, absolute=True)
+        return sizes, [f * 100 for f in FRACTIONS], signed, absolute, "mib"
+    sizes, percentages = space.curve_sizes(scores)
+    signed, absolute = (torch.stack([top_edges(scores, space.mask, k, a) for k in sizes]) for a in (False, True))
+    return sizes, percentages, signed, absolute, "circuitctl"
+
+
+def faithfulness_report(
+    circuit_path: Path, config, evaluator, scores, circuit, known_circuit: dict | None = None, curve_rule: str = "mib"
+) -> FaithfulnessReport:
+    """f(C), completeness and the curve of a circuit of `evaluator.space` (a `CircuitEvaluator`).
+
+    `circuit` is the circuit's membership (shaped like the space's mask); `scores` rank the
+    units for the curve (signed for CPR, |score| for CMD), chosen by `curve_rule` (`curve_circuits`)."""
+    import torch
+
+    from circuitctl.metrics.faithfulness import cpr_cmd, normalized_faithfulness, undefined_reason
     from circuitctl.progress import bar
 
+    space = evaluator.space
+    mask = space.mask
+    circuit = circuit & mask
     m_full, m_empty = evaluator.full_and_empty()
     complement = mask & ~circuit
-    ks = [n_edges_for_percentage(p, n_total) for p in MIB_PERCENTAGES]
-    curves = [torch.stack([top_edges(scores, mask, k, absolute) for k in ks]) for absolute in (False, True)]
-    keep = torch.cat([circuit[None], complement[None], *curves])
-    with bar(progress, -(-n_prompts // evaluator.batch_size)) as advance:
+    sizes, percentages, signed_circuits, absolute_circuits, rule = curve_circuits(space, scores, curve_rule)
+    keep = torch.cat([circuit[None], complement[None], signed_circuits, absolute_circuits])
+    with bar(f"evaluating {space.unit} circuits", evaluator.n_batches) as advance:
         values = evaluator.circuit_values(keep, on_batch=advance).tolist()
 
-    def f(m: float) -> float:
+    def f(m: float) -> float | None:
         return normalized_faithfulness(m, m_full, m_empty)
 
-    n = len(MIB_PERCENTAGES)
+    n = len(sizes)
     signed, absolute = [f(m) for m in values[2 : 2 + n]], [f(m) for m in values[2 + n :]]
-    cpr, cmd = cpr_cmd(signed, absolute)
+    cpr, cmd = cpr_cmd(signed, absolute, percentages) if percentages is not None else (None, None)
     return FaithfulnessReport(
         circuit=str(circuit_path),
-        n_edges_total=n_total,
-        n_edges_in_circuit=int(circuit.sum()),
+        kind=space.kind,
+        unit=space.unit,
+        n_total=space.n_total,
+        n_in_circuit=int(circuit.sum()),
         metric=config.metric,
         ablation=config.ablation.type,
         metric_full=m_full,
@@ -97,11 +112,14 @@ def faithfulness_report(
         metric_complement=values[1],
         faithfulness=f(values[0]),
         completeness=f(values[1]),
-        percentages=list(MIB_PERCENTAGES),
+        curve_rule=rule,
+        curve_sizes=sizes,
+        percentages=percentages,
         curve_signed=signed,
         curve_absolute=absolute,
         cpr=cpr,
         cmd=cmd,
+        faithfulness_undefined=undefined_reason(m_full, m_empty),
         known_circuit=known_circuit,
         provenance=report_provenance(config),
     )
@@ -112,7 +130,7 @@ def report_provenance(config) -> dict:
     from datetime import datetime, timezone
 
     from circuitctl.config.load import config_hash
-    from circuitctl.io.circuit_file import library_versions
+    from circuitctl.circuits.record import library_versions
 
     return {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -149,17 +167,27 @@ def render_png(draw: Callable) -> bytes:
 
 
 def plot_curve(report: FaithfulnessReport) -> bytes:
-    """The MIB curve: f of the top-k% units, by signed score and by |score|."""
+    """f of the circuits of the curve, by signed score and by |score| (the MIB curve where it applies)."""
 
     def draw(ax) -> None:
-        xs = report.percentages
-        ax.plot(xs, report.curve_signed, marker="o", label=f"signed ranking (CPR {report.cpr:.3f})")
-        ax.plot(xs, report.curve_absolute, marker="s", label=f"|score| ranking (CMD {report.cmd:.3f})")
+        xs = report.percentages if report.percentages is not None else report.curve_sizes
+        points = lambda ys: [(x, y) for x, y in zip(xs, ys) if y is not None]  # noqa: E731
+        signed = f" (CPR {report.cpr:.3f})" if report.cpr is not None else ""
+        absolute = f" (CMD {report.cmd:.3f})" if report.cmd is not None else ""
+        for ys, marker, label in ((report.curve_signed, "o", f"signed ranking{signed}"), (report.curve_absolute, "s", f"|score| ranking{absolute}")):
+            kept = points(ys)
+            if kept:
+                ax.plot(*zip(*kept), marker=marker, label=label)
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.axhline(0.0, color="grey", lw=0.5)
         ax.set_xscale("log")
-        ax.set_xlabel("edges kept (%)")
+        ax.set_xlabel(f"{report.unit} kept (%)" if report.percentages is not None else f"{report.unit} kept")
         ax.set_ylabel("normalized faithfulness f")
-        ax.set_title(f"faithfulness curve ({report.metric}, {report.ablation} ablation)")
-        ax.legend()
+        title = f"faithfulness curve ({report.metric}, {report.ablation} ablation)"
+        if report.faithfulness_undefined:
+            title += ": f undefined"
+        ax.set_title(title)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
 
     return render_png(draw)

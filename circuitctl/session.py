@@ -11,7 +11,7 @@ from pathlib import Path
 
 from circuitctl.config.schema import RunConfig
 from circuitctl.errors import UsageError
-from circuitctl.paths import SHIPPED_TASKS, resolve_path
+from circuitctl.resources import SHIPPED_TASKS, resolve_path
 from circuitctl.tasks.records import TaskSource, read_task
 
 
@@ -20,12 +20,13 @@ def read_task_source(config: RunConfig, config_dir: Path | None) -> TaskSource:
     return read_task(config.task.name, path, SHIPPED_TASKS)
 
 
-def check_model_source(config: RunConfig, config_dir: Path | None) -> Path | None:
-    """Check the model source before anything heavy is loaded; return a local checkpoint's path."""
-    from circuitctl.models.sources import check_local_checkpoint, check_pretrained
+def check_model_source(config: RunConfig, config_dir: Path | None, require_weights: bool = True) -> Path | None:
+    """Check the model source before anything heavy is loaded; return a local checkpoint's path.
+    `require_weights=False` (validate): a pretrained name must be known, not downloadable now."""
+    from circuitctl.models.sources import check_local_checkpoint, check_pretrained, official_name
 
     if config.model.path is None:
-        check_pretrained(config.model.name)
+        (check_pretrained if require_weights else official_name)(config.model.name)
         return None
     path = resolve_path(config.model.path, config_dir)
     if not path.exists():
@@ -50,6 +51,7 @@ class Session:
     data: object  # TaskData
     metric: object  # Metric
     task: TaskSource
+    task_signal: dict | None = None  # circuitctl.checks.check_task_signal's record, for the summary and circuit.json
 
 
 def open_session(config: RunConfig, config_dir: Path | None) -> Session:
@@ -58,17 +60,31 @@ def open_session(config: RunConfig, config_dir: Path | None) -> Session:
     model_path = check_model_source(config, config_dir)
     from circuitctl.metrics.metrics import METRICS
     from circuitctl.models.adapter import ModelAdapter, load_model
-    from circuitctl.tasks.data import task_pairs, tokenize_pairs
 
     metric = METRICS.get(config.metric)
     seed_everything(config.seed)
     adapter = ModelAdapter(load_model(config.model.name, model_path, config.model.device, config.model.dtype, config.model.n_devices))
-    tokenizer = adapter.tokenizer
-    pairs = task_pairs(task, tokenizer, config.task.n_pairs, config.seed, config.task.options)
+    data = load_task_data(config, task, adapter, metric)
+    return Session(config, adapter, data, metric, task)
+
+
+def load_task_data(config: RunConfig, task: TaskSource, adapter, metric):
+    """The task's pairs (`config.task`'s subsample or generated count) tokenized for this model."""
+    from circuitctl.tasks.data import task_pairs
+
+    pairs = task_pairs(task, adapter.tokenizer, config.task.n_pairs, config.seed, config.task.options)
+    return tokenize_task(pairs, task, adapter, metric)
+
+
+def tokenize_task(pairs, task: TaskSource, adapter, metric):
+    """Prompt pairs as `TaskData` for this model, checked: the metric's wrong answers, finite logits."""
+    from circuitctl.tasks.data import tokenize_pairs
+
     if metric.needs_wrong_answers and any(not p.wrong_answers for p in pairs):
         first = next(p for p in pairs if not p.wrong_answers)
         where = f"{task.origin} line {first.line}" if first.line else task.origin
         raise UsageError(f"{where}: metric '{metric.name}' needs 'wrong_answers' for every pair (or use metric: kl)")
+    tokenizer = adapter.tokenizer
     pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     data = tokenize_pairs(
         pairs,
@@ -80,7 +96,7 @@ def open_session(config: RunConfig, config_dir: Path | None) -> Session:
         max_len=adapter.cfg.n_ctx,
     )
     check_finite_logits(adapter, data)
-    return Session(config, adapter, data, metric, task)
+    return data
 
 
 def check_finite_logits(adapter, data, n: int = 8) -> None:

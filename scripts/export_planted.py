@@ -2,7 +2,7 @@
 
     python scripts/export_planted.py            # -> models/planted-<name>/ and tasks/planted-<name>/
 
-The shipped copies are checked against `circuitctl.models.planted.build` by the tests.
+The shipped copies are checked against `circuitctl.testing.planted.build` by the tests.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from circuitctl.models.planted import PLANTED, REDUNDANT, build, export
+from circuitctl.testing.planted import PLANTED, REDUNDANT, build, export
 
 ROOT = Path(__file__).resolve().parent.parent
 

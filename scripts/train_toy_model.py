@@ -2,7 +2,7 @@
 """Train the toy GPT shipped in ``models/toy-gpt`` on the synthetic language.
 
 The language (IOI-style sentences, repeated random-token sequences, filler) lives in
-``circuitctl/models/toy_language.py``. The script trains a small TransformerLens
+``circuitctl/testing/toy_language.py``. The script trains a small TransformerLens
 ``HookedTransformer`` with AdamW on CPU, evaluates it on held-out IOI and induction prompt
 pairs, and writes:
 
@@ -35,7 +35,7 @@ import yaml  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
 
-from circuitctl.models import toy_language as lang  # noqa: E402
+from circuitctl.testing import toy_language as lang  # noqa: E402
 
 # Fixed seeds for the shipped task pairs and for the held-out evaluation pairs.
 TASK_SEEDS = {"toy-ioi": 1001, "toy-induction": 1002}
@@ -237,7 +237,7 @@ README_TEMPLATE = """\
 
 A {n_layers}-layer GPT-style TransformerLens `HookedTransformer` ({n_params:,} parameters)
 trained from scratch on the synthetic word-level language of
-`circuitctl/models/toy_language.py`: IOI-style sentences ("when mary and john went to the
+`circuitctl/testing/toy_language.py`: IOI-style sentences ("when mary and john went to the
 store , john gave a drink to mary ."), repeated random-token sequences (for induction) and
 filler sentences. It is small enough to run circuit discovery on a laptop CPU and it solves
 both shipped tasks, `tasks/toy-ioi` and `tasks/toy-induction`.
@@ -276,7 +276,7 @@ model.eval()
 model.to_tokens("when mary and john")  # tensor([[2, ...]]): BOS prepended
 ```
 
-(`circuitctl.models.toy_language.load_hf_tokenizer(path)` builds the same tokenizer.)
+(`circuitctl.testing.toy_language.load_hf_tokenizer(path)` builds the same tokenizer.)
 
 What TransformerLens 3.9 needs from the tokenizer:
 

@@ -16,6 +16,10 @@ import torch  # noqa: E402
 
 torch.set_num_threads(2)
 
+# The device tier (tests/ground_truth, `-m device`) runs its models here:
+#   CIRCUITCTL_TEST_DEVICE=cuda python -m pytest -m device
+DEVICE = torch.device(os.environ.get("CIRCUITCTL_TEST_DEVICE", "cpu"))
+
 
 def random_model(seed: int = 0, **overrides):
     """A tiny random HookedTransformer with LayerNorm and MLPs unless overridden."""
@@ -34,7 +38,13 @@ def random_model(seed: int = 0, **overrides):
                 param.copy_(1 + 0.1 * torch.randn(param.shape, generator=generator))
             else:
                 param.copy_(0.4 * torch.randn(param.shape, generator=generator))
-    return model
+    return model.to(DEVICE)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """The device of the device tier's models (CIRCUITCTL_TEST_DEVICE, default cpu)."""
+    return DEVICE
 
 
 @pytest.fixture
@@ -60,3 +70,21 @@ def attn_only_model():
 
 def random_tokens(n: int, length: int, vocab: int, seed: int) -> torch.Tensor:
     return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+TIERS = ("unit", "ground_truth", "cli", "browser")  # tests/<tier>/: marked with the tier's name
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test with its tier (its directory): `-m unit`, `-m "not cli"`, ...; the ground-truth
+    tier, which exercises the models, is also the device tier (`-m device`)."""
+    cuda_missing = DEVICE.type == "cuda" and not torch.cuda.is_available()
+    for item in items:
+        parts = item.path.parts
+        for tier in TIERS:
+            if tier in parts:
+                item.add_marker(getattr(pytest.mark, tier))
+        if "ground_truth" in parts:
+            item.add_marker(pytest.mark.device)
+            if cuda_missing:
+                item.add_marker(pytest.mark.skip(reason="CIRCUITCTL_TEST_DEVICE=cuda but CUDA is not available"))

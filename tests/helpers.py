@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import random
+
+from conftest import DEVICE
+
 from circuitctl.config.schema import AblationConfig
 from circuitctl.methods.base import DiscoveryContext
 from circuitctl.metrics.metrics import METRICS
 from circuitctl.models.adapter import ModelAdapter
-from circuitctl.models.planted import REDUNDANT, build, build_model  # the one import of the planted models (re-exported)
+from circuitctl.testing.planted import REDUNDANT, build, build_model  # the one import of the planted models (re-exported)
 from circuitctl.tasks.data import tokenize_pairs
 from circuitctl.tasks.records import pair_from_record
 
@@ -18,7 +22,7 @@ def planted_context(name: str, metric: str = "logit_diff", ablation: str = "resa
         from dataclasses import replace
 
         pc = replace(pc, pairs=pc.pairs[:n_pairs])
-    adapter = ModelAdapter(build_model(pc))
+    adapter = ModelAdapter(build_model(pc).to(DEVICE))
     pairs = [pair_from_record(r, f"{name} pair {i}") for i, r in enumerate(pc.pairs)]
     data = tokenize_pairs(pairs, None, adapter.d_vocab, None, name)
     return pc, DiscoveryContext(adapter, data, METRICS.get(metric), AblationConfig(type=ablation))
@@ -39,3 +43,26 @@ def planted_settings(n_edges, **overrides):
 
     fields = dict(edges=n_edges, steps=1500, sparsity_warmup_steps=700, lr_warmup_steps=100, lr=0.1, lambda_lr=0.1)
     return EdgePruningSettings(**{**fields, **overrides})
+
+
+def planted_module():
+    """The planted ground-truth models' module (one import, for tests that export them)."""
+    from circuitctl.testing import planted
+
+    return planted
+
+
+def second_token_records(n: int = 16, vocab: int = 12, length: int = 6, seed: int = 7, spurious: bool = False) -> list[dict]:
+    """copy_first's second task: the answer is the token at position 1 (a0.h1 copies it, gain 2).
+    With `spurious`, clean and corrupt differ at positions 0 and 1: the answer is the first token
+    (a0.h0) and the spurious answer the second (a0.h1)."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        a, b, x, y, *rest = rng.sample(range(vocab), 4 + length - 2)
+        if spurious:
+            records.append({"clean": [a, x, *rest], "corrupt": [b, y, *rest], "answers": [a], "wrong_answers": [b],
+                            "spurious_answers": [x], "spurious_wrong_answers": [y]})
+        else:
+            records.append({"clean": [a, x, *rest], "corrupt": [a, y, *rest], "answers": [x], "wrong_answers": [y]})
+    return records

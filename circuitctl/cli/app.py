@@ -13,6 +13,7 @@ import traceback
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from circuitctl.errors import InterruptedRun, UsageError
 
@@ -46,7 +47,8 @@ def _global_options(
 def _register() -> None:
     # Importing a command module registers it; none of them imports torch at import time.
     from circuitctl.cli import discover, doctor, evaluate, info, validate  # noqa: F401
-    from circuitctl.cli import train_sae  # noqa: F401
+    from circuitctl.cli import intervene, train_sae, view  # noqa: F401
+    from circuitctl.cli import explain  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,7 +58,11 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     state["debug"] = "--debug" in args
     try:
-        command.main(args=args, prog_name="circuitctl", standalone_mode=False)
+        code = command.main(args=args, prog_name="circuitctl", standalone_mode=False)
+        if isinstance(code, int) and code:  # newer Typer returns exit codes (130 for Ctrl-C) instead of raising
+            if code == 130:
+                err_console.print("interrupted")
+            sys.exit(code)
     except _EXIT as exc:
         sys.exit(exc.exit_code)
     except _CLICK_ERRORS as exc:  # bad arguments, unknown commands and options
@@ -68,20 +74,36 @@ def main(argv: list[str] | None = None) -> None:
     except UsageError as exc:
         if state["debug"]:
             traceback.print_exc()
-        err_console.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
-        sys.exit(exc.exit_code)
+        _print_error(exc)
     except InterruptedRun as exc:
-        err_console.print(f"[bold yellow]interrupted:[/] {exc}", soft_wrap=True)
+        err_console.print(f"[bold yellow]interrupted:[/] {escape(printable(str(exc)))}", soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
-    except Exception as exc:  # a bug in circuitctl
+    except Exception as exc:  # a bug in circuitctl, or a write to a full disk outside write_atomic
+        from circuitctl.io.files import storage_error
+
         if state["debug"]:
             traceback.print_exc()
+        full = storage_error(exc)
+        if full is not None:
+            _print_error(full)
         err_console.print(
-            f"[bold red]internal error:[/] {type(exc).__name__}: {exc}\n"
+            f"[bold red]internal error:[/] {type(exc).__name__}: {escape(printable(str(exc)))}\n"
             "this is a bug in circuitctl; rerun with --debug for the traceback",
             soft_wrap=True,
         )
         sys.exit(1)
+
+
+def _print_error(exc: UsageError) -> None:
+    """One message for a user error, and its exit code. Messages quote user input (file names,
+    task labels) and are printed as text, never as rich markup."""
+    err_console.print(f"[bold red]error:[/] {escape(printable(str(exc)))}", markup=True, soft_wrap=True)
+    sys.exit(exc.exit_code)
+
+
+def printable(text: str) -> str:
+    """`text` with control characters (a terminal escape sequence in a file name) shown as escapes."""
+    return "".join(ch if ch in "\n\t" or ch.isprintable() else ascii(ch)[1:-1] for ch in text)

@@ -24,8 +24,11 @@ def faithfulness(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="run config; default: config.yaml beside the circuit"),
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides for the config"),
     out: Optional[Path] = typer.Option(None, "--out", help="where to write faithfulness.json/.png (default: beside the circuit)"),
-    known: Optional[Path] = typer.Option(None, "--known", help="a text file of true edge names (one per line) for precision/recall/ROC AUC"),
+    known: Optional[Path] = typer.Option(None, "--known", help="a text file of the true units (edge, node, neuron or feature names, one per line) for precision/recall/ROC AUC"),
     force: bool = typer.Option(False, "--force", help="replace earlier evaluation files"),
+    curve: str = typer.Option(
+        "mib", "--curve", help="how the curve's circuits are chosen: mib (MIB's exact rule, for comparison with the leaderboard) or circuitctl (at least one unit per point, stable ranking, no pruning)"
+    ),
 ) -> None:
     """Normalized faithfulness, completeness and the MIB curve (CPR, CMD) of a circuit."""
     from circuitctl.config.load import load_config
@@ -42,24 +45,36 @@ def faithfulness(
         if not known.is_file():
             raise UsageError(f"--known: '{known}' does not exist")
         known_edges = [line.strip() for line in known.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    from circuitctl.batching import collect_notes
     from circuitctl.evaluation import evaluate_faithfulness
 
-    report, files = evaluate_faithfulness(circuit, run_config, config.parent, out or circuit_dir, force, known_edges)
-    if hasattr(report, "table_rows"):  # a feature circuit (SAE features and error nodes)
-        table = Table(title="feature-circuit faithfulness", show_header=False)
-        for key, value in report.table_rows() + [("written", ", ".join(str(f) for f in files))]:
-            table.add_row(key, value)
-        console.print(table)
-        return
-    table = Table(title="faithfulness", show_header=False)
-    table.add_row("edges in circuit", f"{report.n_edges_in_circuit} of {report.n_edges_total}")
-    table.add_row("metric full / empty", f"{report.metric_full:.4f} / {report.metric_empty:.4f}")
-    table.add_row("faithfulness f(C)", f"{report.faithfulness:.4f}")
-    table.add_row("completeness f(complement)", f"{report.completeness:.4f}")
-    table.add_row("CPR (higher is better)", f"{report.cpr:.4f}")
-    table.add_row("CMD (lower is better)", f"{report.cmd:.4f}")
+    if curve not in ("mib", "circuitctl"):
+        raise UsageError(f"--curve: '{curve}' is not a curve rule (mib or circuitctl)")
+    with collect_notes() as notes:
+        report, files = evaluate_faithfulness(circuit, run_config, config.parent, out or circuit_dir, force, known_edges, curve_rule=curve)
+    console.print(report_table(report, files))
+    for note in notes:
+        console.print(f"note: {note}", soft_wrap=True)
+
+
+def report_table(report, files) -> Table:
+    from circuitctl.metrics.faithfulness import format_f
+
+    table = Table(title=f"faithfulness ({report.kind} circuit)", show_header=False)
+    table.add_row(f"{report.unit} in circuit", f"{report.n_in_circuit} of {report.n_total}")
+    table.add_row("metric full / empty", f"{report.metric_full:.4f} / {report.metric_empty:.4f}  ({report.ablation} ablation)")
+    table.add_row("faithfulness f(C)", format_f(report.faithfulness))
+    table.add_row("completeness f(complement)", format_f(report.completeness))
+    if report.cpr is not None:
+        table.add_row("CPR (higher is better)", f"{report.cpr:.4f}  ({report.curve_rule} curve)")
+        table.add_row("CMD (lower is better)", f"{report.cmd:.4f}")
+    else:
+        curve = ", ".join(f"{n}: {format_f(f, 3)}" for n, f in zip(report.curve_sizes, report.curve_absolute))
+        table.add_row(f"curve ({report.unit} by |score|: f)", curve)
     if report.known_circuit:
         k = report.known_circuit
         table.add_row("precision / recall / ROC AUC", f"{k['precision']:.3f} / {k['recall']:.3f} / {k['roc_auc']:.3f}")
+    if report.faithfulness_undefined:
+        table.add_row("note", report.faithfulness_undefined)
     table.add_row("written", ", ".join(str(f) for f in files))
-    console.print(table)
+    return table

@@ -26,21 +26,25 @@ def methods() -> None:
 
 @app.command("cp")
 def copy(
-    task: str = typer.Argument(..., help="a shipped task or a generator (see circuitctl tasks)"),
-    destination: Path = typer.Argument(..., help="a new directory"),
+    name: str = typer.Argument(..., help="a shipped task, a task generator (circuitctl tasks) or a shipped config (e.g. demo)"),
+    destination: Path = typer.Argument(..., help="a new directory (a task) or file (a config)"),
 ) -> None:
-    """Copy a task into DIR for editing (use it with task: {path: DIR})."""
-    from circuitctl.paths import SHIPPED_TASKS
-    from circuitctl.tasks.catalog import copy_task
+    """Copy a shipped task into DIR for editing (use it with task: {path: DIR}), or a shipped config."""
+    from circuitctl.resources import SHIPPED_TASKS, copy_config, shipped_config
+    from circuitctl.tasks.catalog import copy_task, shipped_task_names
 
-    files = copy_task(task, destination, SHIPPED_TASKS)
-    console.print(f"copied {task} to {destination}: {', '.join(f.name for f in files)}")
+    if shipped_config(name) is not None and name not in shipped_task_names(SHIPPED_TASKS):
+        target = copy_config(name, destination)
+        console.print(f"copied config {name} to {target}")
+        return
+    files = copy_task(name, destination, SHIPPED_TASKS)
+    console.print(f"copied {name} to {destination}: {', '.join(f.name for f in files)}")
 
 
 @app.command()
 def tasks() -> None:
     """List the shipped tasks and the prompt-pair generators."""
-    from circuitctl.paths import SHIPPED_TASKS
+    from circuitctl.resources import SHIPPED_TASKS
     from circuitctl.tasks.catalog import generator_names, shipped_task_names
     from circuitctl.tasks.records import read_spec
 

@@ -16,21 +16,28 @@ from pydantic import ValidationError
 from circuitctl.config.methods import METHODS
 from circuitctl.config.schema import ABLATION_TYPES, METRIC_NAMES, RunConfig
 from circuitctl.errors import UsageError
+from circuitctl.io.yaml_errors import check_nesting, describe_yaml_error, read_text
 from circuitctl.registry import closest
 
 _PLACEHOLDER_METHOD = {"name": "exact"}
 
 
-def describe_yaml_error(path: Path, exc: yaml.YAMLError) -> str:
-    """One line naming the file, the line and column, and the problem."""
-    mark = getattr(exc, "problem_mark", None)
-    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    if isinstance(exc, yaml.constructor.ConstructorError) and "tag" in problem:
-        # the safe loader constructs no !!python/... objects: configs are data, never code
-        tag = problem.split("tag", 1)[1].strip().strip("'").replace("tag:yaml.org,2002:", "!!")
-        return f"{path}{where}: YAML tag '{tag}' is not allowed; configs and task specs hold plain data only"
-    return f"{path}: malformed YAML{where}: {problem}"
+def find_config(path: Path) -> Path:
+    """A config file given by path, or a shipped config given by name (``demo``, ``mib/gpt2-ioi-eap-ig``)."""
+    path = Path(path)
+    from circuitctl.resources import shipped_config, shipped_config_names
+
+    if path.is_file():
+        return path
+    shipped = shipped_config(str(path))
+    if shipped is not None:  # also when a directory of that name (a run called `demo`) is here
+        return shipped
+    if path.exists():
+        return path
+    hint = closest(str(path).removesuffix(".yaml"), shipped_config_names())
+    raise UsageError(
+        f"config file '{path}' does not exist" + (f"; did you mean the shipped config '{hint}'?" if hint else "")
+    )
 
 
 def read_yaml(path: Path) -> tuple[Any, dict[tuple, int]]:
@@ -39,12 +46,15 @@ def read_yaml(path: Path) -> tuple[Any, dict[tuple, int]]:
         raise UsageError(f"config file '{path}' does not exist")
     if path.is_dir():
         raise UsageError(f"config '{path}' is a directory, not a YAML file")
-    text = path.read_text()
+    text = read_text(path)
+    check_nesting(text, path)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise UsageError(describe_yaml_error(path, exc)) from exc
+    except RecursionError:  # PyYAML recurses once per nesting level
+        raise UsageError(f"{path}: YAML nested too deeply to read") from None
     lines: dict[tuple, int] = {}
 
     def walk(n, prefix: tuple) -> None:
@@ -65,8 +75,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise UsageError(f"override '{text}': '{key}' is not a dotted key")
     try:
+        check_nesting(raw, Path("override"))
         value = yaml.safe_load(raw) if raw else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError, UsageError):
         value = raw
     return key.split("."), value
 
@@ -132,7 +143,7 @@ def validate_config(data: Any, source: str = "config", lines: dict[tuple, int] |
         method_data = {"name": method_data}
     if not isinstance(method_data, dict) or "name" not in method_data:
         problems.append(f"method{_line(lines, ('method',))}: required: a mapping with a 'name' (one of {', '.join(METHODS.names())})")
-    elif method_data["name"] not in METHODS:
+    elif not isinstance(method_data["name"], str) or method_data["name"] not in METHODS:
         name = str(method_data["name"])
         hint = closest(name, METHODS.names())
         problems.append(
@@ -168,7 +179,7 @@ def with_task_metric(config: RunConfig, config_dir: Path | None) -> RunConfig:
     if "metric" in config.model_fields_set:
         return config
     from circuitctl.config.schema import metric_names
-    from circuitctl.paths import SHIPPED_TASKS, resolve_path
+    from circuitctl.resources import SHIPPED_TASKS, resolve_path
     from circuitctl.registry import unknown_name_message
     from circuitctl.tasks.records import read_task_spec
 
@@ -200,8 +211,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 
 
 def config_hash(config: RunConfig) -> str:
-    """A short hash that identifies the experiment: every section except `output`, so the
-    same config rerun into another directory keeps its hash."""
-    experiment = {k: v for k, v in config.to_plain().items() if k != "output"}
+    """A short hash that identifies the experiment: every section except those that change no
+    result (`output`, `explain`, `checks`, `cache_gib`), so the same config rerun into another
+    directory, or with another memory budget, keeps its hash."""
+    experiment = {k: v for k, v in config.to_plain().items() if k not in ("output", "explain", "checks", "cache_gib")}
     canonical = json.dumps(experiment, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]

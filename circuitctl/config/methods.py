@@ -48,11 +48,20 @@ class EapIgSettings(MethodSettings):
     positions: Literal["all", "per_token"] = Field(
         "all", description="one graph over all positions, or nodes per labelled (or absolute) token position"
     )
-    points: Literal["right", "left", "midpoint"] = Field(
-        "right",
-        description="where on the ablation->clean path the m gradients are taken: alpha = k/m for k = 1..m "
-        "(right: ends at the clean point, as the EAP-IG reference; m = 1 is EAP), k = 0..m-1 (left) or k + 1/2",
+    points: Literal["auto", "right", "left", "midpoint"] = Field(
+        "auto",
+        description="where on the ablation->clean path the m gradients are taken: alpha = k/m for k = 1..m (right: ends "
+        "at the clean point; m = 1 is EAP), k = 0..m-1 (left: starts at the ablated point) or k + 1/2 (midpoint); "
+        "auto: what the EAP-IG reference does, left for the inputs variant's edge and neuron scores, right for the "
+        "activations variant and node scores",
     )
+
+    @property
+    def alpha_points(self) -> str:
+        """The integration points `points` stands for (auto resolved as the EAP-IG reference does)."""
+        if self.points != "auto":
+            return self.points
+        return "left" if self.variant == "inputs" and self.granularity != "node" else "right"
     steps_per_pass: Optional[int] = Field(
         None, ge=1, description="interpolation steps stacked into one forward/backward (default: 1 on CPU, up to 64 rows on GPU)"
     )
@@ -113,6 +122,11 @@ class AcdcSettings(MethodSettings):
         description="remove an edge when the metric change it causes (KL increase, or drop of logit/prob diff) is below tau; "
         "a list runs one search per value (a sweep, one circuit each)",
     )
+    tau_mode: Literal["absolute", "relative"] = Field(
+        "absolute",
+        description="absolute: tau in metric units (the paper's); relative: tau as a fraction of the clean-ablated gap "
+        "|m(full) - m(all edges ablated)|, so one tau means the same on every task and metric",
+    )
     absolute: bool = Field(False, description="compare |change| with tau (the reference's abs_value_threshold)")
     candidates_per_pass: int = Field(16, ge=1, description="edges into one node tested together, with speculative replay")
     trials_per_evaluation: int = Field(
@@ -161,7 +175,7 @@ class SfcSettings(MethodSettings):
     @field_validator("saes")
     @classmethod
     def _site_names(cls, value):
-        from circuitctl.sae.sites import is_site_name
+        from circuitctl.graph.naming import is_site_name
 
         if isinstance(value, dict):
             if not value:
@@ -178,7 +192,6 @@ class MethodInfo:
     settings: type[MethodSettings]
     implementation: str  # "module:function", imported only when the method runs
     description: str
-    decides_membership: bool = False  # True when the method picks its own circuit (ACDC)
 
 
 METHODS: Registry[MethodInfo] = Registry("method")
@@ -196,29 +209,25 @@ for _info in (
         "acdc",
         AcdcSettings,
         "circuitctl.methods.acdc:discover",
-        "ACDC (Conmy et al. 2023): greedy edge removal below a threshold tau, exact and resumable",
-        decides_membership=True,
+        "ACDC (Conmy et al. 2023): greedy edge removal below a threshold tau, exact and resumable"
     ),
     MethodInfo(
         "path_patching",
         PathPatchingSettings,
         "circuitctl.methods.path_patching:discover",
-        "automatic path patching (IOI line of work): grow a position-aware circuit backwards from the answer",
-        decides_membership=True,
+        "automatic path patching (IOI line of work): grow a position-aware circuit backwards from the answer"
     ),
     MethodInfo(
         "cdt",
         CdtSettings,
         "circuitctl.methods.cdt:discover",
-        "contextual decomposition for transformers (Hsu et al. 2024): contributions without patching, pruned backwards",
-        decides_membership=True,
+        "contextual decomposition for transformers (Hsu et al. 2024): contributions without patching, pruned backwards"
     ),
     MethodInfo(
         "sfc",
         SfcSettings,
         "circuitctl.methods.sfc:discover",
-        "sparse feature circuits (Marks et al. 2024): SAE features and error nodes, node and edge attribution / IG",
-        decides_membership=True,
+        "sparse feature circuits (Marks et al. 2024): SAE features and error nodes, node and edge attribution / IG"
     ),
 ):
     METHODS.add(_info.name, _info)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
 
 from circuitctl.config.methods import MethodSettings
 
@@ -23,6 +23,12 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _not_empty(value: Optional[str]) -> Optional[str]:
+    if value is not None and not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
 class ModelConfig(Section):
     name: Optional[str] = Field(None, description="a TransformerLens pretrained model name, e.g. gpt2")
     path: Optional[str] = Field(None, description="a local checkpoint directory (config.json + model.safetensors)")
@@ -31,6 +37,8 @@ class ModelConfig(Section):
     n_devices: int = Field(
         1, ge=1, description="GPUs to split the model's layers over (TransformerLens n_devices); only 1 is supported yet"
     )
+
+    _names = field_validator("name", "path")(_not_empty)
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -65,6 +73,8 @@ class TaskConfig(Section):
     n_pairs: Optional[int] = Field(None, ge=1, description="use (or generate) this many pairs")
     options: dict[str, Any] = Field(default_factory=dict, description="options for a task generator")
 
+    _names = field_validator("name", "path")(_not_empty)
+
     @model_validator(mode="after")
     def _one_source(self):
         if (self.name is None) == (self.path is None):
@@ -83,6 +93,11 @@ class SelectionConfig(Section):
     fraction: Optional[float] = Field(None, gt=0, le=1)
     absolute: bool = Field(True, description="rank by |score| (else by signed score)")
     prune: bool = Field(True, description="drop edges with no path from input or to logits")
+    reselect: bool = Field(
+        False,
+        description="apply top_n / threshold / fraction also to methods that choose their own circuit "
+        "(acdc, path_patching, cdt, sfc): re-select their units by score",
+    )
 
     @model_validator(mode="after")
     def _at_most_one(self):
@@ -100,10 +115,18 @@ class OutputConfig(Section):
     dir: Optional[str] = Field(None, description="run directory; default runs/<task>-<method>-<time>")
 
 
+class ChecksConfig(Section):
+    """Checks run before a method (circuitctl.checks); they never change a result, only refuse or allow a run."""
+
+    allow_small_gap: bool = Field(
+        False, description="run even when the task has no clean-corrupt gap (f(C) is then undefined and scores are noise)"
+    )
+
+
 class RunConfig(Section):
     model: ModelConfig
     task: TaskConfig
-    method: MethodSettings
+    method: SerializeAsAny[MethodSettings]  # the settings class of the named method (METHODS)
     ablation: AblationConfig = AblationConfig()
     metric: str = Field(
         "logit_diff",
@@ -112,7 +135,15 @@ class RunConfig(Section):
     )
     selection: SelectionConfig = SelectionConfig()
     output: OutputConfig = OutputConfig()
-    seed: int = 0
+    checks: ChecksConfig = ChecksConfig()
+    seed: int = Field(0, ge=-(2**63), le=2**64 - 1, description="random seed (the range torch.manual_seed accepts)")
+    cache_gib: Optional[float] = Field(
+        None,
+        ge=0,
+        description="accelerator memory (GiB) for the batches that evaluation and ACDC keep between uses; beyond it "
+        "they wait on the host (or are recomputed); default: half the GPU's free memory, no limit on the CPU",
+    )
+    explain: bool = Field(True, description="explain the circuit at the end of discover (circuitctl explain RUN_DIR)")
     max_batch_size: Optional[int] = Field(
         None,
         ge=1,
@@ -133,6 +164,22 @@ class RunConfig(Section):
             from circuitctl.registry import unknown_name_message
 
             raise ValueError(unknown_name_message("metric", value, names))
+        return value
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_settings(cls, value):
+        """Validate `method` with its own method's settings class, so that a dumped config
+        validates back to the same settings (`RunConfig.model_validate(config.to_plain())`)."""
+        if isinstance(value, MethodSettings):
+            return value
+        if isinstance(value, str):
+            value = {"name": value}
+        if isinstance(value, dict) and isinstance(value.get("name"), str):
+            from circuitctl.config.methods import METHODS
+
+            if value["name"] in METHODS:
+                return METHODS.get(value["name"]).settings.model_validate(value)
         return value
 
     @field_validator("ablation", mode="before")

@@ -122,8 +122,8 @@ class Graph:
     @cached_property
     def edge_mask(self) -> torch.Tensor:
         """Bool [n_upstream, n_downstream]: which (u, v) pairs are real edges."""
-        u = torch.arange(self.n_upstream)[:, None]
-        return u < torch.tensor(self.prefix_len)[None, :]
+        u = torch.arange(self.n_upstream, device="cpu")[:, None]
+        return u < torch.tensor(self.prefix_len, device="cpu")[None, :]
 
     @property
     def n_edges(self) -> int:
@@ -155,7 +155,7 @@ class Graph:
         return [self.edge_name(u, v) for v in range(self.n_downstream) for u in range(self.prefix_len[v])]
 
     def edges_to_mask(self, names) -> torch.Tensor:
-        mask = torch.zeros(self.n_upstream, self.n_downstream, dtype=torch.bool)
+        mask = torch.zeros(self.n_upstream, self.n_downstream, dtype=torch.bool, device="cpu")
         for name in names:
             mask[self.edge_index(name)] = True
         return mask

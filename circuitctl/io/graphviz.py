@@ -11,14 +11,25 @@ import torch
 
 from circuitctl.graph import naming
 from circuitctl.graph.graph import Graph
+from circuitctl.io.escape import dot_string
 from circuitctl.io.files import write_atomic
 
 CHANNEL_COLOURS = {"q": "#7b3294", "k": "#1a9641", "v": "#e66101"}  # purple, green, orange
 POSITIVE, NEGATIVE = "#2c5d8f", "#c0392b"
 
 
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', r"\"") + '"'
+def quote(text: str) -> str:
+    """A Graphviz double-quoted string (an ID, a label, a tooltip): `circuitctl.io.escape.dot_string`
+    escapes quotes, backslashes, '&', line breaks and control characters."""
+    return dot_string(str(text))
+
+
+_quote = quote
+
+
+def quote_lines(lines: list[str]) -> str:
+    """A Graphviz double-quoted label with one line per entry."""
+    return dot_string("\n".join(str(line) for line in lines))
 
 
 def _layer_of(name: str, n_layers: int) -> int:
@@ -87,7 +98,10 @@ def write_drawing(dot_path: Path, dot_source: str) -> tuple[Path | None, str]:
     svg_path = dot_path.with_suffix(".svg")
     if executable is None:
         return None, f"Graphviz 'dot' is not installed: wrote {dot_path.name} only (apt-get install graphviz, then dot -Tsvg {dot_path.name})"
-    result = subprocess.run([executable, "-Tsvg", str(dot_path)], capture_output=True, timeout=120)
+    try:  # the source on stdin: inside `staged_writes` the .dot file is not in place yet
+        result = subprocess.run([executable, "-Tsvg"], input=dot_source.encode("utf-8"), capture_output=True, timeout=120)
+    except subprocess.TimeoutExpired:  # a drawing is never worth failing a finished run for
+        return None, f"dot took over 120 s; wrote {dot_path.name} only (render it later with dot -Tsvg {dot_path.name})"
     if result.returncode != 0:
         return None, f"dot failed ({result.stderr.decode(errors='replace').strip()[:200]}); wrote {dot_path.name} only"
     write_atomic(svg_path, result.stdout)

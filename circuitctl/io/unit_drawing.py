@@ -1,4 +1,4 @@
-"""Graphviz drawings of node, neuron and per-position circuits (see `circuitctl.graph.units`).
+"""Graphviz drawings of neuron and per-position circuits (see `circuitctl.circuits`).
 
 Per-position circuits are drawn with one dashed column per position group, labelled with the
 position's name, nodes labelled ``a3.h0`` inside it and one row per layer; q/k/v edges are
@@ -10,10 +10,8 @@ from __future__ import annotations
 import torch
 
 from circuitctl.graph import naming
-from circuitctl.io.graphviz import CHANNEL_COLOURS, NEGATIVE, POSITIVE, _quote, to_dot
-
-
-NEWLINE = "\\n"  # Graphviz's line break inside a label
+from circuitctl.io.graphviz import CHANNEL_COLOURS, NEGATIVE, POSITIVE, quote_lines
+from circuitctl.io.graphviz import quote as _quote
 
 
 def _layer(node: naming.NodeName, n_layers: int) -> int:
@@ -55,8 +53,7 @@ def positional_dot(edges: list[tuple[str, str, float]], positions: list[str], n_
         lines.append(f'  subgraph cluster_{i} {{ label={_quote("@" + position)}; labelloc=b; style=dashed; color="#999999";')
         for name in sorted(by_position[position]):
             node = nodes[name]
-            label = f"{node.base}{NEWLINE}@{node.position}"
-            lines.append(f"    {_quote(name)} [label={_quote(label)}, fillcolor={_quote(_fill(node))}];")
+            lines.append(f"    {_quote(name)} [label={quote_lines([node.base, '@' + str(node.position)])}, fillcolor={_quote(_fill(node))}];")
         lines.append("  }")
     for layer in sorted(by_layer):
         lines.append(f"  {{ rank=same; {' '.join(_quote(n) for n in sorted(by_layer[layer]))} }}")
@@ -83,39 +80,9 @@ def neuron_dot(scores: torch.Tensor, membership: torch.Tensor, title: str = "", 
         if len(chosen) > max_listed:
             rows.append(f"... {len(chosen) - max_listed} more")
         name = naming.mlp(layer)
-        lines.append(f"  {_quote(name)} [label={_quote(name + NEWLINE + NEWLINE.join(rows))}];")
+        lines.append(f"  {_quote(name)} [label={quote_lines([name, *rows])}];")
         if previous is not None:
             lines.append(f"  {_quote(previous)} -> {_quote(name)} [style=invis];")
         previous = name
     lines.append("}")
     return "\n".join(lines) + "\n"
-
-
-def unit_dot(view, scores: torch.Tensor, membership: torch.Tensor, title: str = "") -> str:
-    """DOT source for a circuit of any unit view."""
-    kind = view.kind
-    if kind == "neuron":
-        return neuron_dot(scores, membership, title)
-    if kind == "node":
-        graph = view.graph
-        kept = view.kept_edges(membership)
-        in_circuit = view.nodes_in(membership)
-        for v in range(graph.n_downstream):
-            if graph.node_of_input(v) not in in_circuit:
-                kept[:, v] = False
-        return to_dot(graph, scores[:, None].expand(-1, graph.n_downstream), kept, title)
-    p = view.pgraph
-    if kind == "positional_node":
-        node_scores = scores
-        kept = view.kept_edges(membership)
-        receivers = view.nodes_in(membership)
-        edge_scores = node_scores[:, None, :, None].expand(p.edge_mask.shape)
-    else:
-        kept, receivers, edge_scores = membership & p.edge_mask, None, scores
-    edges = []
-    for gs, gd, u, v in kept.nonzero().tolist():
-        receiver = p.node_name(gd, v)
-        if receivers is not None and naming.parse_node(receiver).kind != "logits" and receiver not in receivers:
-            continue
-        edges.append((p.upstream_name(gs, u), p.downstream_name(gd, v), float(edge_scores[gs, gd, u, v])))
-    return positional_dot(edges, list(p.names), view.graph.spec.n_layers, title)

@@ -1,7 +1,10 @@
 """What every discovery method receives and returns.
 
-Every method has one signature and returns scores; choosing the circuit is a separate
-step (`circuitctl.graph.selection`), so all methods are evaluated by the same code.
+Every method has one signature, ``discover(context, settings) -> DiscoveryResult``, and returns
+scores over a circuit space (`circuitctl.circuits`: edges by default; nodes, neurons,
+per-position edges or nodes, SAE features); choosing the circuit is a separate step
+(`circuitctl.circuits.selection`), so all methods are selected, evaluated, written and drawn by
+the same code (`circuitctl.runner`).
 """
 
 from __future__ import annotations
@@ -33,22 +36,25 @@ class DiscoveryContext:
     run_dir: Path | None = None  # for checkpoints of long methods
     checkpoint: Checkpoint | None = None  # where long methods save resumable progress (None: no saving)
     resume: bool = False  # continue from `checkpoint` instead of starting over
+    config_dir: Path | None = None  # where the config's relative paths (e.g. SAE directories) are read from
+    cache_gib: float | None = None  # device budget of the engines' batch caches (`circuitctl.patching.cache`)
 
     @property
     def graph(self) -> Graph:
         return self.adapter.graph
 
     def engine(self, batch_size: int, keep_cache: bool = False) -> PatchingEngine:
-        return PatchingEngine(self.adapter, self.data, self.metric, self.ablation, batch_size, keep_cache)
+        return PatchingEngine(self.adapter, self.data, self.metric, self.ablation, batch_size, keep_cache, cache_gib=self.cache_gib)
 
 
 @dataclass
 class DiscoveryResult:
-    """Edge scores (positive = removing the edge hurts the behaviour) and, for methods that
-    decide membership themselves, their circuit."""
+    """Scores of the units of a circuit space (positive = removing the unit hurts the
+    behaviour) and, for methods that decide membership themselves, their circuit."""
 
-    scores: torch.Tensor  # float32 [U, V], 0 where there is no edge
-    membership: torch.Tensor | None = None  # bool [U, V]
+    scores: torch.Tensor  # float32, shaped like space.mask (edges: [U, V], 0 where there is no edge)
+    membership: torch.Tensor | None = None  # bool, shaped like scores
+    space: Any = None  # a `circuitctl.circuits.space.CircuitSpace`; None: the model's edge graph
     forward_passes: float = 0.0  # forward-pass equivalents over the dataset, for reports
     extra: dict[str, Any] = field(default_factory=dict)
     # extra files for the run directory: name -> JSON-able data, or text (a ".dot" is also drawn as SVG)
@@ -63,8 +69,8 @@ class SweepPoint:
 
     label: str  # subdirectory name, e.g. "tau-0.01"
     params: dict[str, Any]  # the swept parameter(s), e.g. {"tau": 0.01}
-    scores: torch.Tensor  # float32 [U, V]
-    membership: torch.Tensor | None = None  # bool [U, V]
+    scores: torch.Tensor  # shaped like the result's space.mask
+    membership: torch.Tensor | None = None
     forward_passes: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -4,10 +4,11 @@ score(u -> v) = (z_u(ablated) - z_u(clean)) . (1/m) sum_k dm/d(input_v) at point
 positions and d_model and averaged over examples, where the m points lie on the straight line
 from the ablation to the clean run (alpha = weight of the clean end):
 
-* ``points: right`` (default): alpha_k = k/m, k = 1..m, ending at the clean point, as the
-  current EAP-IG reference (``range(1, steps + 1)``); with m = 1 this is exactly EAP.
-  ``left`` (alpha = k/m, k = 0..m-1: starts at the ablation point, as older reference versions
-  of the inputs variant) and ``midpoint`` ((k + 1/2)/m) are also available.
+* ``points: auto`` (default) does what the EAP-IG reference does: ``left`` for the inputs
+  variant's edge (and neuron) scores, alpha_k = k/m, k = 0..m-1, starting at the ablation point
+  (``range(0, steps)`` in its ``get_scores_eap_ig``); ``right`` for the activations variant and
+  node scores, alpha_k = k/m, k = 1..m, ending at the clean point (``range(1, steps + 1)``).
+  With m = 1, ``right`` is exactly EAP. ``midpoint`` ((k + 1/2)/m) is also available.
 * ``variant: inputs``: the input embeddings are interpolated; every node is recomputed.
 * ``variant: activations``: the outputs of one layer component at a time (the input, the heads
   of layer L together, the MLP of layer L, as the reference) are interpolated and everything
@@ -50,7 +51,6 @@ from circuitctl.methods import eap
 from circuitctl.methods.base import DiscoveryContext, DiscoveryResult
 from circuitctl.models.gradients import GradientPass, Replacement, gradient_pass
 from circuitctl.patching.engine import PatchingEngine
-from circuitctl.patching.units import NeuronAblation
 from circuitctl.progress import bar
 from circuitctl.tasks.data import TaskData
 
@@ -94,7 +94,7 @@ class _Run:
 
 
 def _check(context: DiscoveryContext, settings: EapIgSettings) -> None:
-    if context.metric.name == "kl" and settings.steps == 1 and settings.points == "right":
+    if context.metric.name == "kl" and settings.steps == 1 and settings.alpha_points == "right":
         raise UsageError(
             "method 'eap_ig' with metric 'kl', steps 1 and points 'right': the only gradient is taken at the clean "
             "run, where the gradient of the KL divergence is zero; use more steps or another metric"
@@ -111,13 +111,10 @@ def discover(context: DiscoveryContext, settings: EapIgSettings) -> DiscoveryRes
     graph = context.graph
     pgraph = None
     if settings.positions == "per_token":
-        from circuitctl.graph.positional import PositionalGraph, PositionLayout
+        from circuitctl.graph.positional import PositionalGraph
 
-        pgraph = PositionalGraph.from_data(graph, PositionLayout.from_data(context.data), context.data)
-    extra: dict = {"variant": settings.variant, "steps": settings.steps, "points": settings.points}
-    if settings.granularity != "edge" or pgraph is not None:
-        # the runner evaluates and writes these circuits through circuitctl.graph.units
-        extra["units"] = {"granularity": settings.granularity, "positions": pgraph.to_dict() if pgraph is not None else None}
+        pgraph = PositionalGraph.from_data(graph, context.data, "method.positions: per_token")
+    extra: dict = {"variant": settings.variant, "steps": settings.steps, "points": settings.alpha_points}
     n_forward = _forward_passes(context, settings)
     sign = context.metric.importance_sign
     engine = context.engine(settings.batch_size)
@@ -127,17 +124,24 @@ def discover(context: DiscoveryContext, settings: EapIgSettings) -> DiscoveryRes
         edges = sign * (sums.cpu() * graph.edge_mask) / context.data.n  # as eap.attribution_scores
     else:
         sums = _batch_sums(context, settings, _gradient_block(context, settings, pgraph, engine, zeros), zeros)
+        scores = (sign * sums / context.data.n).cpu()
         if settings.granularity == "neuron":
-            return DiscoveryResult(scores=(sign * sums / context.data.n).cpu(), forward_passes=n_forward, extra=extra)
+            from circuitctl.circuits.neurons import NeuronSpace
+
+            return DiscoveryResult(scores, space=NeuronSpace(graph, context.adapter.cfg.d_mlp), forward_passes=n_forward, extra=extra)
         if pgraph is not None:
-            scores = (sign * sums / context.data.n).cpu() * pgraph.edge_mask
-            if settings.granularity == "node":
-                scores = scores.sum(dim=(1, 3))  # [G, U]: a node's outgoing edges to every position
-            return DiscoveryResult(scores=scores, forward_passes=n_forward, extra=extra)
-        edges = (sign * sums / context.data.n).cpu() * graph.edge_mask
+            from circuitctl.circuits.positional import PositionalEdgeSpace, PositionalNodeSpace
+
+            scores = scores * pgraph.edge_mask
+            if settings.granularity == "node":  # [G, U]: a node's outgoing edges to every position
+                return DiscoveryResult(scores.sum(dim=(1, 3)), space=PositionalNodeSpace(pgraph), forward_passes=n_forward, extra=extra)
+            return DiscoveryResult(scores, space=PositionalEdgeSpace(pgraph), forward_passes=n_forward, extra=extra)
+        edges = scores * graph.edge_mask
     if settings.granularity == "node":
-        return DiscoveryResult(scores=edges.sum(1), forward_passes=n_forward, extra=extra)
-    return DiscoveryResult(scores=edges, forward_passes=n_forward, extra=extra)
+        from circuitctl.circuits.nodes import NodeSpace
+
+        return DiscoveryResult(edges.sum(1), space=NodeSpace(graph), forward_passes=n_forward, extra=extra)
+    return DiscoveryResult(edges, forward_passes=n_forward, extra=extra)
 
 
 def _steps_per_pass(settings: EapIgSettings, batch_size: int, device: torch.device) -> int:
@@ -174,7 +178,7 @@ def _objective(context: DiscoveryContext, batch, clean_logits: torch.Tensor, n_s
 
 def _input_runs(context: DiscoveryContext, settings: EapIgSettings):
     """EAP-IG-inputs as `eap.attribution_scores` gradient runs: (1/m, clean outputs, step-summed gradients) per chunk."""
-    points = alphas(settings.steps, settings.points)
+    points = alphas(settings.steps, settings.alpha_points)
 
     def runs(batch, ablation):
         clean = context.adapter.run(batch.clean, batch.answer_positions)
@@ -194,7 +198,7 @@ def _runs(context: DiscoveryContext, settings: EapIgSettings, state, post_pair, 
     """Gradient passes for one batch: (rows scored, steps stacked, GradientPass)."""
     adapter, graph = context.adapter, context.graph
     B = state.batch.n
-    points = alphas(settings.steps, settings.points)
+    points = alphas(settings.steps, settings.alpha_points)
     neurons = settings.granularity == "neuron"
     chunks = _chunks(points, _steps_per_pass(settings, B, adapter.device))
 
@@ -329,7 +333,9 @@ def _gradient_block(context: DiscoveryContext, settings: EapIgSettings, pgraph, 
     device = adapter.device
     neurons = settings.granularity == "neuron"
     G = pgraph.n_groups if pgraph is not None else 0
-    ablation_source = NeuronAblation(adapter, context.data, context.ablation, settings.batch_size) if neurons else None
+    from circuitctl.circuits.neurons import NeuronAblation
+
+    ablation_source = NeuronAblation(engine, adapter.cfg.d_mlp) if neurons else None
     kv = pgraph.kv_inputs.to(device) if G else None
     weight = 1.0 / settings.steps
 

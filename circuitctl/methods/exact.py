@@ -110,9 +110,9 @@ def _chunk_effects(engine: PatchingEngine, state: BatchState, clean: torch.Tenso
     """(us, vs, effects [k]): each edge (us[i], vs[i]) of the chunk ablated alone, its effect on the
     metric summed over the batch (float64; `clean`: the clean metric per example)."""
     graph = engine.graph
-    us, vs = (torch.tensor(x) for x in zip(*edges))
-    masks = torch.zeros(len(edges), graph.n_upstream, graph.n_downstream, dtype=torch.bool)
-    masks[torch.arange(len(edges)), us, vs] = True
+    us, vs = (torch.tensor(x, device="cpu") for x in zip(*edges))
+    masks = torch.zeros(len(edges), graph.n_upstream, graph.n_downstream, dtype=torch.bool, device="cpu")
+    masks[torch.arange(len(edges), device="cpu"), us, vs] = True
     values = engine.patched_metric(state, masks).double()  # [k, B]
     return us, vs, (values - clean).sum(1).cpu()
 
@@ -123,7 +123,7 @@ def discover(context: DiscoveryContext, settings: ExactSettings) -> DiscoveryRes
     chunks = list(single_edge_chunks(graph, settings.candidates_per_pass))
     local = distributed.shard(context.data)
     checkpoint = context.checkpoint if distributed.world_size() == 1 else None
-    progress = _Progress(0, 0, 0, torch.zeros(graph.n_upstream, graph.n_downstream, dtype=torch.float64))
+    progress = _Progress(0, 0, 0, torch.zeros(graph.n_upstream, graph.n_downstream, dtype=torch.float64, device="cpu"))
 
     def snapshot() -> tuple[dict, dict]:
         return progress.to_checkpoint(local.n, len(chunks))

@@ -1,8 +1,11 @@
 """Sparse feature circuits (Marks et al. 2024).
 
 Every chosen site's output x is written as x = decode(f) + e: SAE features f and the SAE
-error e (so the model's output is unchanged). Nodes are the features (per position, or summed
-over positions) and one error node per site.
+error e (so the model's output is unchanged). Nodes are the features and one error node per
+site, summed over positions (``aggregation: sum``) or per position group of the task
+(``aggregation: none``: the task's `PositionLayout`, e.g. ``resid0/f12@S2``; one group per
+token for unlabelled prompts of one length). The result is a feature circuit space
+(`circuitctl.circuits.features`) like every method's.
 
 Node effects (indirect effect on the metric m of patching a node from its clean to its
 ablated value), as the reference code computes them:
@@ -26,8 +29,8 @@ node's gradient, stacked) gives the edges from every upstream node at once; no p
 per-node forward passes. Edges into ``logits`` are the direct effects, from the same pass.
 
 Scores are importance = metric sign x effect (positive: ablating the node hurts the behaviour),
-averaged over examples. Nodes with |score| > node_threshold form the circuit; edges between
-them with |score| > edge_threshold are in the graph.
+averaged over examples. Nodes with |score| > node_threshold form the method's own circuit; edges
+between them with |score| > edge_threshold are drawn and written with it.
 """
 
 from __future__ import annotations
@@ -38,17 +41,17 @@ from typing import Any
 
 import torch
 
+from circuitctl.circuits.features import FeatureSpace, decompose, mean_states
 from circuitctl.config.methods import SfcSettings
 from circuitctl.errors import UsageError
-from circuitctl.methods.base import DiscoveryContext
+from circuitctl.graph.naming import LOGITS, Site, edge, error_node, feature_node
+from circuitctl.graph.positions import PositionLayout
+from circuitctl.methods.base import DiscoveryContext, DiscoveryResult
 from circuitctl.models.sae_sites import SiteRunner
 from circuitctl.progress import bar
-from circuitctl.sae.circuit import FeatureCircuit
 from circuitctl.sae.sae import SparseAutoencoder
-from circuitctl.sae.sites import LOGITS, Site, edge_name, error_node, feature_node
 from circuitctl.tasks.data import TaskData
 
-MAX_SAVED_NODES = 20_000  # node scores written beyond the circuit's (for threshold curves)
 VJP_ELEMENTS = 2**26  # cotangent elements per batched vector-Jacobian product
 
 
@@ -75,13 +78,7 @@ class SiteState:
         return self.e_patch - self.e_clean
 
 
-def decompose(sae: SparseAutoencoder, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features, error) with x = decode(features) + error exactly."""
-    features = sae.encode(x)
-    return features, x - sae.decode(features)
-
-
-class Decomposer:
+class SiteStates:
     """Clean and patched SAE states of every site, for resample, zero or mean ablation."""
 
     def __init__(self, runner: SiteRunner, saes: dict[Site, SparseAutoencoder], context: DiscoveryContext, batch_size: int):
@@ -111,28 +108,6 @@ class Decomposer:
         return states
 
 
-def mean_states(runner, saes, data: TaskData, batch_size: int, per_position: bool) -> dict[Site, tuple[torch.Tensor, torch.Tensor]]:
-    """{site: (mean features [1, P, d_sae], mean error [1, P, d])} over the clean prompts' real tokens."""
-    device = runner.model.W_U.device
-    sums: dict[Site, list[torch.Tensor]] = {}
-    count = None
-    with torch.no_grad():
-        for batch in data.batches(batch_size):
-            batch = batch.to(device)
-            real = batch.real_tokens.to(runner.model.W_U.dtype)[..., None]  # [B, P, 1]
-            acts = runner.activations(batch.clean)
-            dims = (0, 1) if not per_position else (0,)
-            c = real.sum(dims, keepdim=True)
-            count = c if count is None else count + c
-            for site, sae in saes.items():
-                f, e = decompose(sae, acts[site])
-                parts = [(f * real).sum(dims, keepdim=True), (e * real).sum(dims, keepdim=True)]
-                sums[site] = parts if site not in sums else [a + b for a, b in zip(sums[site], parts)]
-    P = data.clean.shape[1]
-    count = count.clamp(min=1)
-    return {site: tuple(s.div(count).expand(1, P, -1).contiguous() for s in parts) for site, parts in sums.items()}
-
-
 def repeated_objective(metric, batch: TaskData, reference: torch.Tensor):
     """Sum of the metric over n stacked copies of the batch (logits [n * B, vocab])."""
     B = batch.n
@@ -144,22 +119,11 @@ def repeated_objective(metric, batch: TaskData, reference: torch.Tensor):
     return objective
 
 
-def position_labels(data: TaskData) -> list[str]:
-    """Labels of token positions for per-position nodes: a task label that sits at the same
-    index in every example, ``end`` for the last token, else ``t{index}``."""
-    lengths = data.lengths
-    if not bool((lengths == lengths[0]).all()):
-        raise UsageError(
-            "method.aggregation 'none' (a node per token position) needs prompts of one token length; "
-            f"this task's prompts have {int(lengths.min())}..{int(lengths.max())} tokens (use aggregation: sum)"
-        )
-    P = int(lengths[0])
-    labels = [f"t{p}" for p in range(P)]
-    labels[P - 1] = "end"
-    for label, index in data.positions.items():
-        if bool((index == index[0]).all()) and label not in labels:
-            labels[int(index[0])] = label
-    return labels
+def group_onehot(layout: PositionLayout, batch: TaskData, dtype) -> torch.Tensor:
+    """[B, P, G]: 1 where a token belongs to a position group (padding belongs to none)."""
+    groups = layout.assign(batch)
+    onehot = torch.nn.functional.one_hot(groups.clamp(min=0), layout.n_groups).to(dtype)
+    return onehot * (groups >= 0)[..., None].to(dtype)
 
 
 # ----------------------------------------------------------------------------------------
@@ -167,9 +131,9 @@ def position_labels(data: TaskData) -> list[str]:
 # ----------------------------------------------------------------------------------------
 @dataclass
 class NodeSet:
-    """The circuit's nodes at one site: feature indices (+ positions) and error positions.
+    """The circuit's nodes at one site: feature indices (+ position groups) and error groups.
 
-    sum aggregation: positions are None; per position: parallel lists of (feature, position).
+    sum aggregation: groups are None; per position group: parallel lists of (feature, group).
     """
 
     features: list[int]
@@ -185,7 +149,7 @@ class NodeSet:
 
 
 def select_nodes(feature_scores: torch.Tensor, error_scores: torch.Tensor, threshold: float, per_position: bool) -> NodeSet:
-    """Nodes with |score| > threshold; scores [d_sae] / [] (sum) or [P, d_sae] / [P] (per position)."""
+    """Nodes with |score| > threshold; scores [d_sae] / [] (sum) or [G, d_sae] / [G] (per position group)."""
     if per_position:
         pos, feat = (feature_scores.abs() > threshold).nonzero(as_tuple=True)
         err = (error_scores.abs() > threshold).nonzero().flatten().tolist()
@@ -202,7 +166,7 @@ def find_feature_circuit(
     settings: SfcSettings,
     saes: dict[Site, SparseAutoencoder],
     sources: dict[Site, Any] | None = None,
-) -> FeatureCircuit:
+) -> DiscoveryResult:
     if context.metric.name == "kl" and settings.steps == 1:
         raise UsageError(
             "method 'sfc' with metric 'kl' and steps 1: the gradient of the KL divergence is zero at the clean run, "
@@ -212,23 +176,19 @@ def find_feature_circuit(
     runner = SiteRunner(context.adapter.model, saes)
     saes = {site: saes[site] for site in runner.sites}
     data = context.data
-    per_position = settings.aggregation == "none"
-    labels = position_labels(data) if per_position else None
-    decomposer = Decomposer(runner, saes, context, settings.batch_size)
+    layout = PositionLayout.from_data(data, "method.aggregation: none (a node per position group)") if settings.aggregation == "none" else None
+    per_position = layout is not None
+    decomposer = SiteStates(runner, saes, context, settings.batch_size)
     sign = context.metric.importance_sign
 
-    feature_effects, error_effects, gradients, totals = node_effects(runner, saes, decomposer, context, settings, per_position)
+    feature_effects, error_effects, gradients, totals = node_effects(runner, saes, decomposer, context, settings, layout)
     feature_scores = {s: sign * v / data.n for s, v in feature_effects.items()}
     error_scores = {s: sign * v / data.n for s, v in error_effects.items()}
     node_seconds = time.perf_counter() - started
 
     selected = {s: select_nodes(feature_scores[s], error_scores[s], settings.node_threshold, per_position) for s in runner.sites}
-    edges = edge_effects(runner, saes, decomposer, context, settings, selected, gradients, per_position)
-    edge_scores = {key: sign * value / data.n for key, value in edges.items()}
-
-    circuit = assemble(runner.sites, saes, settings, labels, feature_scores, error_scores, selected, edge_scores)
-    circuit.sae_sources = {s.name: (sources or {}).get(s, "") for s in runner.sites}
-    circuit.stats = {
+    edges = edge_effects(runner, saes, decomposer, context, settings, selected, gradients, layout)
+    stats = {
         "n_examples": data.n,
         "metric_clean": totals["clean"] / data.n,
         "metric_patched": totals["patched"] / data.n,
@@ -236,17 +196,29 @@ def find_feature_circuit(
         "estimator": "attribution" if settings.steps == 1 else f"integrated gradients ({settings.steps} steps)",
         "seconds_nodes": round(node_seconds, 3),
         "seconds_edges": round(time.perf_counter() - started - node_seconds, 3),
-        "forward_passes": float(totals["forward_passes"]),
     }
-    circuit.labels = top_tokens(runner, saes, data, circuit.circuit_nodes, context.adapter.tokenizer, settings.batch_size)
-    return circuit
+    space = FeatureSpace(
+        saes, {s.name: (sources or {}).get(s, "") for s in runner.sites}, layout, settings.node_threshold, settings.edge_threshold, stats=stats
+    )
+    scores = torch.cat([_site_scores(feature_scores[s], error_scores[s]).flatten() for s in runner.sites]).float().cpu()
+    membership = scores.abs() > settings.node_threshold
+    circuit_nodes = [space.name_of(i) for i in membership.nonzero().flatten().tolist()]
+    in_circuit = set(circuit_nodes)
+    space.edges = {edge(u, d): sign * value / data.n for (u, d), value in edges.items() if u in in_circuit}
+    space.labels = top_tokens(runner, saes, data, circuit_nodes, context.adapter.tokenizer, settings.batch_size)
+    return DiscoveryResult(scores, membership, space=space, forward_passes=float(totals["forward_passes"]))
 
 
-def node_effects(runner, saes, decomposer: Decomposer, context: DiscoveryContext, settings: SfcSettings, per_position: bool):
+def _site_scores(features: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
+    """[G, d_sae + 1]: a site's feature scores ([G, d_sae] or [d_sae]) and error scores ([G] or []) side by side."""
+    features = features.reshape(-1, features.shape[-1])
+    return torch.cat([features, error.reshape(-1, 1).to(features.dtype)], dim=1)
+
+
+def node_effects(runner, saes, decomposer: SiteStates, context: DiscoveryContext, settings: SfcSettings, layout: PositionLayout | None):
     """Summed node effects over the dataset (IE, not yet signed or averaged), the per-batch
     gradients dm/dx of every site (kept on the CPU for the edges), and metric totals."""
     data, metric, device = context.data, context.metric, context.adapter.device
-    reduce = (lambda t: t.sum(0)) if per_position else (lambda t: t.sum((0, 1)))
     features = {s: 0.0 for s in runner.sites}
     errors = {s: 0.0 for s in runner.sites}
     gradients: list[dict[Site, torch.Tensor]] = []
@@ -263,6 +235,11 @@ def node_effects(runner, saes, decomposer: Decomposer, context: DiscoveryContext
                 clean_logits = runner.forward(batch.clean, positions)
             objective = repeated_objective(metric, batch, clean_logits)
             states = decomposer.states(batch, clean_acts)
+            if layout is None:
+                reduce = lambda t: t.sum((0, 1))  # noqa: E731
+            else:  # per position group: [B, P, ...] -> [G, ...]
+                onehot = group_onehot(layout, batch, clean_logits.dtype)
+                reduce = lambda t: torch.einsum("bp...,bpg->g...", t, onehot.to(t.dtype))  # noqa: E731
             if settings.steps == 1:
                 _, _, grads = runner.gradients(batch.clean, positions, objective)
             else:
@@ -288,8 +265,8 @@ def node_effects(runner, saes, decomposer: Decomposer, context: DiscoveryContext
 
 
 def edge_effects(
-    runner, saes, decomposer: Decomposer, context: DiscoveryContext, settings: SfcSettings,
-    selected: dict[Site, NodeSet], gradients: list[dict[Site, torch.Tensor]], per_position: bool,
+    runner, saes, decomposer: SiteStates, context: DiscoveryContext, settings: SfcSettings,
+    selected: dict[Site, NodeSet], gradients: list[dict[Site, torch.Tensor]], layout: PositionLayout | None,
 ) -> dict[tuple[str, str], float]:
     """Summed edge effects {(upstream node, downstream node): IE} between selected nodes."""
     data, metric, device = context.data, context.metric, context.adapter.device
@@ -297,7 +274,7 @@ def edge_effects(
     totals: dict[tuple[str, str], float] = {}
     if not any(ns.size for ns in selected.values()):
         return totals
-    labels = position_labels(data) if per_position else None
+    labels = list(layout.names) if layout is not None else None
     n_batches = -(-data.n // settings.batch_size)
     with bar("sfc edge effects (vector-Jacobian products)", n_batches) as advance:
         for batch, grads in zip(data.batches(settings.batch_size), gradients):
@@ -307,6 +284,7 @@ def edge_effects(
                 clean_acts = runner.activations(batch.clean)
                 clean_logits = runner.forward(batch.clean, positions)
             states = decomposer.states(batch, clean_acts)
+            onehot = group_onehot(layout, batch, clean_logits.dtype) if layout is not None else None  # [B, P, G]
             leaves = {s: _Leaves.make(saes[s], states[s], selected[s]) for s in sites}
             raw: dict[Site, torch.Tensor] = {}
             with torch.enable_grad():
@@ -315,7 +293,7 @@ def edge_effects(
                 value = metric(logits, batch, clean_logits).sum()
                 # direct effects on the metric
                 direct = _vjp([value], leaves, sites, None, retain=True)
-                _accumulate(totals, [LOGITS], leaves, states, labels, direct, batch_rows=False)
+                _accumulate(totals, [LOGITS], leaves, states, labels, onehot, direct, batch_rows=False)
                 for d_index, down in enumerate(sites):
                     nodes = selected[down]
                     if not nodes.size or down not in raw or not raw[down].requires_grad:
@@ -324,12 +302,12 @@ def edge_effects(
                     if not any(leaves[u].any for u in upstream):
                         continue
                     g = grads[down].to(device)
-                    outputs, cotangents, names = _downstream(saes[down], raw[down], g, nodes, down, labels)
+                    outputs, cotangents, names = _downstream(saes[down], raw[down], g, nodes, down, labels, onehot)
                     step = max(1, VJP_ELEMENTS // max(1, sum(c[0].numel() for c in cotangents)))
                     for lo in range(0, len(names), step):
                         chunk = [c[lo : lo + step] for c in cotangents]
                         result = _vjp(outputs, leaves, upstream, chunk, retain=True)
-                        _accumulate(totals, names[lo : lo + step], leaves, states, labels, result, batch_rows=True)
+                        _accumulate(totals, names[lo : lo + step], leaves, states, labels, onehot, result, batch_rows=True)
             advance()
     return totals
 
@@ -373,9 +351,10 @@ class _Leaves:
         return fn
 
 
-def _downstream(sae: SparseAutoencoder, raw: torch.Tensor, grad_x: torch.Tensor, nodes: NodeSet, site: Site, labels):
+def _downstream(sae: SparseAutoencoder, raw: torch.Tensor, grad_x: torch.Tensor, nodes: NodeSet, site: Site, labels, onehot):
     """Outputs (selected features, error) of a downstream site as functions of its raw input,
-    and stacked cotangents (one per downstream node: its gradient dm/d node, masked to it)."""
+    and stacked cotangents (one per downstream node: its gradient dm/d node, masked to its
+    position group's tokens; onehot [B, P, G] or None for nodes summed over positions)."""
     feats = nodes.unique_features()
     column = {f: i for i, f in enumerate(feats)}
     features = sae.encode(raw)
@@ -388,10 +367,7 @@ def _downstream(sae: SparseAutoencoder, raw: torch.Tensor, grad_x: torch.Tensor,
         cot = torch.zeros((K,) + tuple(grad_f.shape), dtype=grad_f.dtype, device=grad_f.device)
         for k, (f, p) in enumerate(zip(nodes.features, nodes.feature_positions)):
             j = column[f]
-            if p is None:
-                cot[k, :, :, j] = grad_f[:, :, j]
-            else:
-                cot[k, :, p, j] = grad_f[:, p, j]
+            cot[k, :, :, j] = grad_f[:, :, j] if p is None else grad_f[:, :, j] * onehot[:, :, p].to(grad_f.dtype)
         outputs.append(features[..., feats])
         cotangents.append(cot)
     if nodes.error_positions:
@@ -399,10 +375,7 @@ def _downstream(sae: SparseAutoencoder, raw: torch.Tensor, grad_x: torch.Tensor,
         cot = torch.zeros((K,) + tuple(grad_x.shape), dtype=grad_x.dtype, device=grad_x.device)
         offset = len(nodes.features)
         for k, p in enumerate(nodes.error_positions):
-            if p is None:
-                cot[offset + k] = grad_x
-            else:
-                cot[offset + k, :, p] = grad_x[:, p]
+            cot[offset + k] = grad_x if p is None else grad_x * onehot[:, :, p, None].to(grad_x.dtype)
         outputs.append(error)
         cotangents.append(cot)
     return outputs, cotangents, names
@@ -425,23 +398,24 @@ def _vjp(outputs, leaves, upstream, cotangents, retain: bool):
     return {key: g for key, g in zip(where, grads) if g is not None}
 
 
-def _accumulate(totals, names: list[str], leaves, states, labels, grads, batch_rows: bool):
-    """Add sum over examples (and positions) of grad x delta for each (upstream node, downstream node)."""
+def _accumulate(totals, names: list[str], leaves, states, labels, onehot, grads, batch_rows: bool):
+    """Add sum over examples (and positions of a node's group) of grad x delta for each (upstream node, downstream node)."""
     for (site, slot), grad in grads.items():
         leaf, state = leaves[site], states[site]
         if not batch_rows:
             grad = grad[None]
         if slot == 0:
-            delta = state.delta_f[..., leaf.features]  # [B|1, P, n]
-            contrib = (grad * delta).sum(1)  # [K, P, n]
+            product = grad * state.delta_f[..., leaf.features]  # [K, B, P, n]
             column = {f: i for i, f in enumerate(leaf.features)}
+            summed = product.sum((1, 2)) if onehot is None else torch.einsum("kbpn,bpg->kgn", product, onehot.to(product.dtype))
             for f, p in zip(leaf.nodes.features, leaf.nodes.feature_positions):
-                values = contrib[:, :, column[f]].sum(1) if p is None else contrib[:, p, column[f]]
+                values = summed[:, column[f]] if p is None else summed[:, p, column[f]]
                 _add(totals, feature_node(site.name, f, _label(labels, p)), names, values)
         else:
-            contrib = (grad * state.delta_e).sum(-1).sum(1)  # [K, P]
+            product = (grad * state.delta_e).sum(-1)  # [K, B, P]
+            summed = product.sum((1, 2)) if onehot is None else torch.einsum("kbp,bpg->kg", product, onehot.to(product.dtype))
             for p in leaf.nodes.error_positions:
-                values = contrib.sum(1) if p is None else contrib[:, p]
+                values = summed if p is None else summed[:, p]
                 _add(totals, error_node(site.name, _label(labels, p)), names, values)
 
 
@@ -456,64 +430,16 @@ def _label(labels: list[str] | None, position: int | None) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------
-# Assembly and feature labels
+# Feature labels
 # ----------------------------------------------------------------------------------------
-def _node_name(site: Site, index: int, d_sae: int, labels) -> str:
-    """Name of entry `index` of a site's flattened scores: features [P?, d_sae], then errors [P?]."""
-    n_positions = 1 if labels is None else len(labels)
-    if index < n_positions * d_sae:
-        position, feature = divmod(index, d_sae)
-        return feature_node(site.name, feature, _label(labels, position if labels else None))
-    return error_node(site.name, _label(labels, (index - n_positions * d_sae) if labels else None))
-
-
-def assemble(sites, saes, settings: SfcSettings, labels, feature_scores, error_scores, selected, edge_scores) -> FeatureCircuit:
-    """The circuit's nodes and edges; scores of every circuit node and of the MAX_SAVED_NODES
-    strongest nodes overall (found with one top-k, not a Python loop over every feature)."""
-    flat = [torch.cat([feature_scores[s].flatten(), error_scores[s].flatten()]).cpu().double() for s in sites]
-    owner = torch.cat([torch.full((len(f),), i) for i, f in enumerate(flat)])
-    offset = torch.cat([torch.arange(len(f)) for f in flat])
-    scores = torch.cat(flat)
-    k = min(MAX_SAVED_NODES, int((scores != 0).sum()))
-    top = scores.abs().topk(k).indices.tolist() if k else []
-    nodes = {}
-    for i in top:
-        site = sites[int(owner[i])]
-        nodes[_node_name(site, int(offset[i]), saes[site].d_sae, labels)] = float(scores[i])
-    circuit_nodes: list[str] = []
-    for index, site in enumerate(sites):
-        ns, d_sae, n_features = selected[site], saes[site].d_sae, saes[site].d_sae * (1 if labels is None else len(labels))
-        entries = [(f if p is None else p * d_sae + f) for f, p in zip(ns.features, ns.feature_positions)]
-        entries += [n_features + (0 if p is None else p) for p in ns.error_positions]
-        for entry in entries:
-            name = _node_name(site, entry, d_sae, labels)
-            circuit_nodes.append(name)
-            nodes[name] = float(flat[index][entry])
-    in_circuit = set(circuit_nodes)
-    edges = {edge_name(u, d): s for (u, d), s in edge_scores.items() if u in in_circuit}
-    circuit_edges = [name for name, s in edges.items() if abs(s) > settings.edge_threshold]
-    return FeatureCircuit(
-        sites=[s.name for s in sites],
-        sae_sources={},
-        aggregation=settings.aggregation,
-        positions=labels,
-        node_threshold=settings.node_threshold,
-        edge_threshold=settings.edge_threshold,
-        nodes=nodes,
-        circuit_nodes=circuit_nodes,
-        edges=edges,
-        circuit_edges=circuit_edges,
-    )
-
-
 def top_tokens(runner, saes, data: TaskData, nodes: list[str], tokenizer, batch_size: int, k: int = 3) -> dict[str, str]:
     """For each circuit feature, the tokens that activate it most on the clean prompts."""
-    from circuitctl.sae.sites import parse_node
+    from circuitctl.graph.naming import parse_feature_node
 
     by_name = {s.name: s for s in saes}
     wanted: dict[Site, list[int]] = {}
     for name in nodes:
-        node = parse_node(name)
+        node = parse_feature_node(name)
         if not node.is_error and node.feature not in wanted.setdefault(by_name[node.site], []):
             wanted[by_name[node.site]].append(node.feature)  # type: ignore[arg-type]
     wanted = {site: feats for site, feats in wanted.items() if feats}
@@ -534,7 +460,7 @@ def top_tokens(runner, saes, data: TaskData, nodes: list[str], tokenizer, batch_
                 best[site] = best[site].scatter_reduce(1, index, values, reduce="amax")
     result = {}
     for name in nodes:
-        node = parse_node(name)
+        node = parse_feature_node(name)
         if node.is_error:
             continue
         site = by_name[node.site]
@@ -554,10 +480,10 @@ def _token_text(tokenizer, token: int) -> str:
         return f"#{token}"
 
 
-def discover(context: DiscoveryContext, settings: SfcSettings) -> FeatureCircuit:
-    """The method-table entry: resolve the SAEs (paths relative to the working directory or the
-    repository) and find the feature circuit."""
+def discover(context: DiscoveryContext, settings: SfcSettings) -> DiscoveryResult:
+    """The method-table entry: resolve the SAEs (paths relative to the working directory, the
+    config's directory or the shipped data) and find the feature circuit."""
     from circuitctl.sae.loading import resolve_saes
 
-    found = resolve_saes(settings.saes, None, context.adapter.model, context.adapter.device)
+    found = resolve_saes(settings.saes, context.config_dir, context.adapter.model, context.adapter.device)
     return find_feature_circuit(context, settings, {s: sae for s, (sae, _) in found.items()}, {s: src for s, (_, src) in found.items()})

@@ -12,12 +12,31 @@ import torch
 MIB_PERCENTAGES = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100)
 
 
-def normalized_faithfulness(m_circuit: float, m_full: float, m_empty: float) -> float:
-    """f(C) = (m(C) - m(empty)) / (m(M) - m(empty)); NaN when the model shows no effect."""
+GAP_EPSILON = 1e-12  # |m(M) - m(empty)| below this: the ablation changes nothing, f is undefined
+
+
+def normalized_faithfulness(m_circuit: float, m_full: float, m_empty: float) -> float | None:
+    """f(C) = (m(C) - m(empty)) / (m(M) - m(empty)); None (undefined) when the ablation changes
+    nothing (see `undefined_reason`): never 0 or NaN, which would read as a result."""
     gap = m_full - m_empty
-    if abs(gap) < 1e-12:
-        return float("nan")
+    if not math.isfinite(gap) or abs(gap) < GAP_EPSILON:
+        return None
     return (m_circuit - m_empty) / gap
+
+
+def undefined_reason(m_full: float, m_empty: float) -> str | None:
+    """Why f is undefined for these metric values (None when it is defined)."""
+    if normalized_faithfulness(m_full, m_full, m_empty) is not None:
+        return None
+    return (
+        f"f is undefined: the metric is the same with nothing and with everything ablated "
+        f"(m(full) = {m_full:.6g}, m(empty) = {m_empty:.6g}), so the task shows no effect to explain"
+    )
+
+
+def format_f(value: float | None, digits: int = 4) -> str:
+    """f for tables and titles: 'undefined' when it is None."""
+    return "undefined" if value is None else f"{value:.{digits}f}"
 
 
 def n_edges_for_percentage(percentage: float, n_edges: int) -> int:
@@ -27,7 +46,7 @@ def n_edges_for_percentage(percentage: float, n_edges: int) -> int:
 def top_edges(scores: torch.Tensor, edge_mask: torch.Tensor, k: int, absolute: bool) -> torch.Tensor:
     """Bool mask of the k real edges with the highest (|score| or signed score); ties by index."""
     key = scores.abs() if absolute else scores
-    key = torch.where(edge_mask, key.float(), torch.tensor(float("-inf")))
+    key = torch.where(edge_mask, key.float(), torch.tensor(float("-inf"), device="cpu"))
     flat = key.flatten()
     # stable ordering makes circuits reproducible when scores tie
     order = torch.sort(flat, descending=True, stable=True).indices[:k]
@@ -44,8 +63,11 @@ def area_under(xs, ys) -> float:
     return total
 
 
-def cpr_cmd(curve_signed: list[float], curve_abs: list[float], percentages=MIB_PERCENTAGES) -> tuple[float, float]:
-    """MIB areas: CPR = area under f (signed ranking), CMD = area under |1 - f| (absolute ranking)."""
+def cpr_cmd(curve_signed: list, curve_abs: list, percentages=MIB_PERCENTAGES) -> tuple[float | None, float | None]:
+    """MIB areas: CPR = area under f (signed ranking), CMD = area under |1 - f| (absolute ranking);
+    None when f is undefined."""
+    if any(f is None for f in curve_signed) or any(f is None for f in curve_abs):
+        return None, None
     xs = [p / 100 for p in percentages]
     cpr = area_under(xs, curve_signed)
     cmd = area_under(xs, [abs(1 - f) for f in curve_abs])
@@ -58,9 +80,9 @@ def roc_auc(scores: list[float], labels: list[bool]) -> float:
     neg = [s for s, y in zip(scores, labels) if not y]
     if not pos or not neg:
         return float("nan")
-    s = torch.tensor(scores, dtype=torch.float64)
+    s = torch.tensor(scores, dtype=torch.float64, device="cpu")
     ranks = _average_ranks(s)
-    y = torch.tensor(labels, dtype=torch.bool)
+    y = torch.tensor(labels, dtype=torch.bool, device="cpu")
     n_pos, n_neg = len(pos), len(neg)
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 

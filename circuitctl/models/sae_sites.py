@@ -1,6 +1,6 @@
 """SAE sites on a TransformerLens model: hook names, capture, edits and gradients.
 
-The only module that knows where the sites of `circuitctl.sae.sites` live in TransformerLens:
+The only module that knows where the sites of `circuitctl.graph.naming` live in TransformerLens:
 
     embed      blocks.0.hook_resid_pre
     attn{L}    blocks.{L}.hook_attn_out
@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 import torch
 
 from circuitctl.errors import UsageError
-from circuitctl.sae.sites import Site, sort_sites
+from circuitctl.graph.naming import Site, sort_sites
 
 Edit = Callable[[torch.Tensor], torch.Tensor]
 Objective = Callable[[torch.Tensor], torch.Tensor]

@@ -136,3 +136,16 @@ def check_pretrained(name: str) -> None:
             f"model.name: {label} is not in the Hugging Face cache and the hub cannot be "
             f"reached ({reason}); {fix}"
         )
+
+
+def pretrained_cache_note(name: str) -> str | None:
+    """For `validate`: the name must be one TransformerLens knows (a UsageError otherwise), but a
+    model absent from the Hugging Face cache is only a note, and the network is never tried."""
+    official = official_name(name)
+    if official is None or is_cached(official):
+        return None
+    label = f"'{name}'" if official == name else f"'{name}' ({official})"
+    return (
+        f"model {label} is not in the Hugging Face cache ({hf_cache_dir()}): `discover` downloads it, which "
+        "needs the network (and, for gated models, an accepted licence and a token); with HF_HUB_OFFLINE=1 it stops"
+    )

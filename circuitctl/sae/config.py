@@ -13,7 +13,7 @@
                                                             # | {type: text, path: corpus.txt}
                                                             # | {type: task, name: ioi} or {type: task, path: tasks/x}
                                                             # | {type: toy_language}: the synthetic language of
-                                                            #   models/toy-gpt (circuitctl.models.toy_language)
+                                                            #   models/toy-gpt (circuitctl.testing.toy_language)
     output: {dir: saes/toy}
     seed: 0
     checkpoint_every_seconds: 30                # progress saved to OUTPUT_DIR/checkpoint (and on Ctrl-C)
@@ -30,7 +30,7 @@ from circuitctl.config.load import apply_overrides, read_yaml
 from circuitctl.config.schema import ModelConfig, Section
 from circuitctl.errors import UsageError
 from circuitctl.registry import closest
-from circuitctl.sae.sites import is_site_name
+from circuitctl.graph.naming import is_site_name
 
 
 class TokenSourceConfig(Section):

@@ -12,9 +12,9 @@ from typing import Any
 
 from circuitctl.errors import UsageError
 from circuitctl.models.sae_sites import check_site, site_of_hook
-from circuitctl.paths import resolve_path
+from circuitctl.resources import resolve_path
 from circuitctl.sae.sae import CFG_FILE, SparseAutoencoder, load_pretrained, load_sae
-from circuitctl.sae.sites import Site, is_site_name, parse_site, sort_sites
+from circuitctl.graph.naming import Site, is_site_name, parse_site, sort_sites
 
 
 def _site_from_sae(sae: SparseAutoencoder, fallback: str | None, where: str) -> Site:

@@ -31,7 +31,7 @@ from circuitctl.errors import UsageError
 from circuitctl.models.sae_sites import SiteRunner
 from circuitctl.progress import bar
 from circuitctl.sae.sae import SaeInfo, SparseAutoencoder
-from circuitctl.sae.sites import Site
+from circuitctl.graph.naming import Site
 from circuitctl.sae.tokens import TokenSet
 
 

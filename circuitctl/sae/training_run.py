@@ -17,7 +17,7 @@ import yaml
 from circuitctl.checkpoint import Checkpoint
 from circuitctl.config.load import config_hash
 from circuitctl.errors import UsageError
-from circuitctl.paths import SHIPPED_TASKS, resolve_path
+from circuitctl.resources import SHIPPED_TASKS, resolve_path
 from circuitctl.sae.config import TrainSaeConfig
 
 
@@ -32,7 +32,7 @@ class TrainSummary:
 
 def _sites(config: TrainSaeConfig, model):
     from circuitctl.models.sae_sites import check_site
-    from circuitctl.sae.sites import Site, parse_site
+    from circuitctl.graph.naming import Site, parse_site
 
     if config.sites == "all":
         sites = [Site("embed", -1)]
@@ -56,7 +56,7 @@ def _tokens(config: TrainSaeConfig, config_dir: Path | None, model):
     if source.type == "text":
         return text_tokens(resolve_path(source.path, config_dir), tokenizer, source.n_sequences, min(source.length or 128, cfg.n_ctx), bos)
     if source.type == "toy_language":
-        from circuitctl.models.toy_language import sample_corpus
+        from circuitctl.testing.toy_language import sample_corpus
 
         pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
         texts = sample_corpus(source.n_sequences, config.seed)
@@ -124,7 +124,7 @@ def train_from_config(config: TrainSaeConfig, config_dir: Path | None = None, fo
 
     import torch
 
-    from circuitctl.io.circuit_file import library_versions
+    from circuitctl.circuits.record import library_versions
     from circuitctl.io.files import write_atomic, write_json
     from circuitctl.models.adapter import load_model
     from circuitctl.models.sae_sites import SiteRunner, hook_name

@@ -2,20 +2,24 @@
 
 A pair record is ``{"clean", "corrupt", "answers", "wrong_answers", "positions"}``; prompts
 and answers are text (tokenized with the model's tokenizer) or integer token ids (used as
-they are). Every problem names the file and line.
+they are). Every problem names the file and line. A pair may also name a second, unwanted
+answer set, ``spurious_answers`` (and ``spurious_wrong_answers``, what they compete with): the
+behaviour an edit should remove while the intended one survives (SHIFT, Marks et al. 2024;
+`circuitctl intervene --ablate RUN:top=N:by=spurious`).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from circuitctl.errors import UsageError
+from circuitctl.graph import naming
+from circuitctl.io.yaml_errors import describe_yaml_error
 
 Prompt = Union[str, list[int]]
 Answer = Union[str, int]
@@ -29,6 +33,8 @@ class PromptPair:
     wrong_answers: tuple[Answer, ...] = ()
     positions: dict[str, int] = field(default_factory=dict)
     line: int = 0  # 1-based line in the source file (0 for generated pairs)
+    spurious_answers: tuple[Answer, ...] = ()  # an unwanted answer set (empty: none)
+    spurious_wrong_answers: tuple[Answer, ...] = ()
 
 
 class TaskSpec(BaseModel):
@@ -51,7 +57,7 @@ class TaskSource:
     """A task as read from disk: its spec and either pairs or a generator to run later."""
 
     spec: TaskSpec
-    pairs: tuple[PromptPair, ...] | None
+    pairs: Sequence[PromptPair] | None  # a PairFile (read lazily) or a tuple; None for a generator
     origin: str
 
 
@@ -83,7 +89,7 @@ def _check_answers(value: Any, what: str, where: str, required: bool) -> tuple[A
 def pair_from_record(record: Any, where: str, line: int = 0) -> PromptPair:
     if not isinstance(record, dict):
         raise UsageError(f"{where}: a pair must be a JSON object with clean, corrupt, answers")
-    unknown = set(record) - {"clean", "corrupt", "answers", "wrong_answers", "positions", "meta"}
+    unknown = set(record) - {"clean", "corrupt", "answers", "wrong_answers", "positions", "meta", *SPURIOUS_FIELDS}
     if unknown:
         raise UsageError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
     for key in ("clean", "corrupt", "answers"):
@@ -92,40 +98,57 @@ def pair_from_record(record: Any, where: str, line: int = 0) -> PromptPair:
     positions = record.get("positions") or {}
     if not isinstance(positions, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in positions.values()):
         raise UsageError(f"{where}: 'positions' must map labels to integer token indices")
+    bad = next((label for label in positions if not naming.is_position_label(label)), None)
+    if bad is not None:  # labels become node names (a3.h0@label) and appear in every drawing
+        raise UsageError(f"{where}: position label {bad!r} is not allowed; labels are {naming.POSITION_LABEL_RULE}")
+    answers = _check_answers(record["answers"], "answers", where, True)
+    wrong = _check_answers(record.get("wrong_answers"), "wrong_answers", where, False)
+    same = next((a for a in answers if a in wrong), None)
+    if same is not None:
+        raise UsageError(f"{where}: {same!r} is both an answer and a wrong answer; the metric would compare it with itself")
     return PromptPair(
         clean=_check_prompt(record["clean"], "clean", where),
         corrupt=_check_prompt(record["corrupt"], "corrupt", where),
-        answers=_check_answers(record["answers"], "answers", where, True),
-        wrong_answers=_check_answers(record.get("wrong_answers"), "wrong_answers", where, False),
+        answers=answers,
+        wrong_answers=wrong,
         positions=dict(positions),
         line=line,
+        **_spurious(record, where),
     )
 
 
-def read_pairs_jsonl(path: Path) -> tuple[PromptPair, ...]:
-    if not path.is_file():
-        raise UsageError(f"task pairs file '{path}' does not exist")
-    pairs = []
-    for number, text in enumerate(path.read_text().splitlines(), start=1):
-        if not text.strip():
-            continue
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{path} line {number}: not valid JSON ({exc.msg})") from exc
-        pairs.append(pair_from_record(record, f"{path} line {number}", number))
-    if not pairs:
-        raise UsageError(f"{path}: the task has no prompt pairs")
-    return tuple(pairs)
+SPURIOUS_FIELDS = ("spurious_answers", "spurious_wrong_answers")
+
+
+def _spurious(record: dict, where: str) -> dict:
+    """The optional spurious answer sets; wrong ones only beside spurious answers."""
+    found = {key: _check_answers(record.get(key), key, where, False) for key in SPURIOUS_FIELDS}
+    if record.get("spurious_answers") is not None and not found["spurious_answers"]:
+        raise UsageError(f"{where}: 'spurious_answers' must be a non-empty list of answers (strings or token ids)")
+    if found["spurious_wrong_answers"] and not found["spurious_answers"]:
+        raise UsageError(f"{where}: 'spurious_wrong_answers' is given without 'spurious_answers'")
+    return found
+
+
+def read_pairs_jsonl(path: Path):
+    """The pairs of a JSONL file: every line checked in one streaming pass, pairs read lazily
+    (`circuitctl.tasks.pair_file.PairFile`, a sequence of PromptPair)."""
+    from circuitctl.tasks.pair_file import PairFile
+
+    return PairFile(path, pair_from_record)
 
 
 def read_spec(path: Path) -> TaskSpec:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        from circuitctl.config.load import describe_yaml_error
+    from circuitctl.io.yaml_errors import check_nesting, read_text
 
+    text = read_text(path)
+    check_nesting(text, path)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
         raise UsageError(describe_yaml_error(path, exc)) from exc
+    except RecursionError:  # PyYAML recurses once per nesting level
+        raise UsageError(f"{path}: YAML nested too deeply to read") from None
     if not isinstance(data, dict):
         raise UsageError(f"{path}: a task spec must be a YAML mapping (name, pairs, ...)")
     try:

@@ -6,6 +6,7 @@ import random
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from circuitctl.errors import UsageError
+from circuitctl.tasks.tokens import encode, single_token_id  # noqa: F401 (the generators import them from here)
 
 Record = dict[str, Any]
 Prompt = str | list[int]
@@ -23,20 +24,6 @@ class Rejected(Exception):
     """A sampled candidate breaks a rule (e.g. a word is not one token); the sampler draws again."""
 
 
-def encode(tokenizer: Tokenizer, text: str) -> list[int]:
-    """Token ids of `text` without special tokens: record positions never count a BOS token."""
-    try:
-        return list(tokenizer.encode(text, add_special_tokens=False))
-    except TypeError:  # a minimal tokenizer whose encode takes only the text
-        return list(tokenizer.encode(text))
-
-
-def single_token_id(tokenizer: Tokenizer, text: str) -> int | None:
-    """The id of `text` if it is exactly one token, else None."""
-    ids = encode(tokenizer, text)
-    return ids[0] if len(ids) == 1 else None
-
-
 def single_token_words(tokenizer: Tokenizer, words: Iterable[str], prefix: str = " ") -> list[str]:
     """The words that are one token once `prefix` is put before them; order kept, duplicates dropped."""
     kept: list[str] = []
@@ -46,11 +33,15 @@ def single_token_words(tokenizer: Tokenizer, words: Iterable[str], prefix: str =
     return kept
 
 
-def require_words(task: str, what: str, words: Sequence[str], minimum: int) -> None:
+def require_words(task: str, what: str, words: Sequence, minimum: int, listed: int | None = None) -> None:
     """Fail clearly when a tokenizer leaves too few single-token words to sample from."""
     if len(words) < minimum:
+        of = f" of {listed}" if listed is not None else ""
+        kept = f" ({', '.join(repr(w) for w in list(words)[:5])})" if words else ""
         raise UsageError(
-            f"{task}: only {len(words)} {what} are single tokens for this tokenizer (need {minimum})"
+            f"{task}: only {len(words)}{of} {what} are single tokens for this tokenizer{kept}; the task needs "
+            f"{minimum}. The generator's word lists are English words with a leading space; a tokenizer that "
+            "splits them (or has no such tokens) cannot run this task: give the task as a JSONL file of pairs instead"
         )
 
 
@@ -102,8 +93,11 @@ def make_record(
     }
 
 
-def sample_records(task: str, n: int, seed: int, candidate: Callable[[random.Random], Record]) -> list[Record]:
-    """Draw candidates from one seeded RNG until `n` are valid; give up clearly if most fail."""
+def sample_records(
+    task: str, n: int, seed: int, candidate: Callable[[random.Random], Record], hint: str = ""
+) -> list[Record]:
+    """Draw candidates from one seeded RNG until `n` are valid; give up clearly if most fail
+    (`hint`: what to try then)."""
     rng = random.Random(seed)
     records: list[Record] = []
     attempts, limit = 0, 100 + 20 * n
@@ -112,7 +106,8 @@ def sample_records(task: str, n: int, seed: int, candidate: Callable[[random.Ran
         if attempts >= limit:
             raise UsageError(
                 f"{task}: only {len(records)} of {n} valid records after {attempts} candidates "
-                f"(last rejection: {last_reason}); is this tokenizer GPT-2-like?"
+                f"(last rejection: {last_reason}); "
+                + (hint or "this tokenizer splits the task's words or prompts differently from what the task needs")
             )
         attempts += 1
         try:

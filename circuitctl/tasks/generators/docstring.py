@@ -20,7 +20,7 @@ from __future__ import annotations
 from string import ascii_uppercase
 
 from circuitctl.errors import UsageError
-from circuitctl.tasks.generators import register_generator
+from circuitctl.tasks.generators.registry import register_generator
 from circuitctl.tasks.generators._common import (
     Tokenizer,
     check_choice,

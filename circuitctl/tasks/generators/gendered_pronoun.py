@@ -7,7 +7,7 @@ for one of the other gender, which flips the expected pronoun.
 
 from __future__ import annotations
 
-from circuitctl.tasks.generators import register_generator
+from circuitctl.tasks.generators.registry import register_generator
 from circuitctl.tasks.generators._common import (
     Tokenizer,
     encode,

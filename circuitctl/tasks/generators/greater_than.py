@@ -10,7 +10,7 @@ the rest): prob_diff is the task's metric when the run config names none. The co
 from __future__ import annotations
 
 from circuitctl.errors import UsageError
-from circuitctl.tasks.generators import register_generator
+from circuitctl.tasks.generators.registry import register_generator
 from circuitctl.tasks.generators._common import (
     Tokenizer,
     encode,
@@ -21,6 +21,7 @@ from circuitctl.tasks.generators._common import (
     single_token_id,
     single_token_words,
 )
+from circuitctl.tasks.tokens import piece_ids
 
 # The paper's event nouns plus "war" from its running example (nouns that are not one token
 # are dropped at run time).
@@ -44,7 +45,7 @@ CORRUPT_YY = "01"
 
 def _splits(tokenizer: Tokenizer, century: int, yy: str, century_id: int) -> bool:
     """Whether " {century}{yy}" tokenizes as " {century}" + "{yy}", which the task relies on."""
-    return encode(tokenizer, f" {century}{yy}") == [century_id, single_token_id(tokenizer, yy)]
+    return piece_ids(tokenizer, f" {century}{yy}") == [century_id, single_token_id(tokenizer, yy)]
 
 
 @register_generator("greater_than", "greater-than on years (Hanna et al. 2023), corrupt start year 01", metric="prob_diff")

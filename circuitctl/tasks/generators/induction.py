@@ -19,7 +19,7 @@ import random
 import re
 
 from circuitctl.errors import UsageError
-from circuitctl.tasks.generators import register_generator
+from circuitctl.tasks.generators.registry import register_generator
 from circuitctl.tasks.generators._common import Rejected, Tokenizer, encode, make_record, sample_records
 
 _WORD_TOKEN = re.compile(r" [A-Za-z]+")
@@ -100,4 +100,8 @@ def generate_induction(
             positions=positions,
         )
 
-    return sample_records("induction", n, seed, candidate)
+    hint = (
+        "text prompts need tokens that decode to a space plus letters and encode back to themselves (a "
+        "SentencePiece tokenizer with a dummy prefix decodes a lone token without its space); use as_ids: true"
+    )
+    return sample_records("induction", n, seed, candidate, hint=None if as_ids else hint)

@@ -2,9 +2,11 @@
 Indirect Object Identification in GPT-2 small", arXiv:2211.00593).
 
 "Then, Mary and John went to the store. John gave a drink to" -> " Mary" (the indirect object IO),
-not " John" (the subject S). The corrupt prompt follows the paper's ABC distribution: the three
-names are replaced by three fresh, distinct names, so no name is repeated and IO cannot be found
-by elimination.
+not " John" (the subject S). The corrupt prompt follows the paper's ABC distribution by default
+(`corruption: abc`): the three names are replaced by three fresh, distinct names, so no name is
+repeated and IO cannot be found by elimination. `corruption: s2_io_flip` is MIB's circuit-track
+counterfactual (Mueller et al. 2025, the `s2_io_flip_counterfactual` column of its IOI data): the
+second subject becomes IO ("... Mary gave a drink to"), so the answer flips to S.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import re
 
 from circuitctl.errors import UsageError
-from circuitctl.tasks.generators import register_generator
+from circuitctl.tasks.generators.registry import register_generator
 from circuitctl.tasks.generators._common import (
     Tokenizer,
     check_choice,
@@ -70,6 +72,7 @@ Sam Tom Tony Will Anne Diana Helen Julia Linda Nancy Susan Steve Tim Bill
 """.split()
 
 TEMPLATE_TYPES = ("mixed", "BABA", "ABBA")
+CORRUPTIONS = ("abc", "s2_io_flip")
 
 
 def _fill(template: str, io: str, s1: str, s2: str, place: str, obj: str) -> str:
@@ -79,7 +82,7 @@ def _fill(template: str, io: str, s1: str, s2: str, place: str, obj: str) -> str
     return re.sub(r"\[B\]", lambda _: next(second_names), text)
 
 
-@register_generator("ioi", "indirect object identification (Wang et al. 2022), ABC-corrupted")
+@register_generator("ioi", "indirect object identification (Wang et al. 2022), ABC-corrupted (or MIB's s2_io_flip)")
 def generate_ioi(
     tokenizer: Tokenizer,
     n: int,
@@ -87,18 +90,21 @@ def generate_ioi(
     *,
     template_type: str = "mixed",
     template_ids: list[int] | None = None,
+    corruption: str = "abc",
 ) -> list[dict]:
     """IOI records. `template_type`: mixed (both name orders, chosen at random), BABA or ABBA;
     `template_ids`: indices into the 15 templates to use (default all; one template gives
-    prompts of equal length). Positions: IO, S1, S2, end."""
+    prompts of equal length); `corruption`: abc (three fresh names) or s2_io_flip (S2 becomes
+    IO, MIB's counterfactual). Positions: IO, S1, S2, end."""
     task = "ioi"
     check_choice(task, "template_type", template_type, TEMPLATE_TYPES)
+    check_choice(task, "corruption", corruption, CORRUPTIONS)
     ids = list(range(len(BABA_TEMPLATES))) if template_ids is None else list(template_ids)
     if not ids or any(not isinstance(i, int) or not 0 <= i < len(BABA_TEMPLATES) for i in ids):
         raise UsageError(f"{task}: template_ids must be indices in 0..{len(BABA_TEMPLATES) - 1}, got {template_ids!r}")
     orders = ["BABA", "ABBA"] if template_type == "mixed" else [template_type]
     names = single_token_words(tokenizer, NAMES)
-    require_words(task, "names", names, 5)  # IO, S and three fresh corrupt names
+    require_words(task, "names", names, 5, len(set(NAMES)))  # IO, S and three fresh corrupt names
 
     def candidate(rng):
         order = rng.choice(orders)
@@ -106,7 +112,7 @@ def generate_ioi(
         io, s, x, y, z = rng.sample(names, 5)
         place, obj = rng.choice(PLACES), rng.choice(OBJECTS)
         clean = _fill(template, io, s, s, place, obj)
-        corrupt = _fill(template, x, y, z, place, obj)
+        corrupt = _fill(template, x, y, z, place, obj) if corruption == "abc" else _fill(template, io, s, io, place, obj)
         tokens = encode(tokenizer, clean)
         (io_pos,) = locate(tokens, single_token_id(tokenizer, " " + io), 1)
         s1_pos, s2_pos = locate(tokens, single_token_id(tokenizer, " " + s), 2)

@@ -9,7 +9,7 @@ the subject's number and nothing else, which flips the agreeing verb.
 
 from __future__ import annotations
 
-from circuitctl.tasks.generators import register_generator
+from circuitctl.tasks.generators.registry import register_generator
 from circuitctl.tasks.generators._common import (
     Tokenizer,
     check_choice,
