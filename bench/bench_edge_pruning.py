@@ -30,7 +30,7 @@ from common import build_model, random_pairs, time_it, write_results  # noqa: E4
 def measure(shape: str, batch: int, length: int, repeats: int) -> dict:
     import torch
 
-    from circuitctl.config.learned_methods import EdgePruningSettings
+    from circuitctl.config.methods import EdgePruningSettings
     from circuitctl.config.schema import AblationConfig
     from circuitctl.methods import edge_pruning
     from circuitctl.methods.base import DiscoveryContext
@@ -57,7 +57,7 @@ def measure(shape: str, batch: int, length: int, repeats: int) -> dict:
                 resid = adapter.embed(data.clean).detach().requires_grad_(not with_params)
                 for block in model.blocks:
                     resid = block(resid)
-                logits = adapter._unembed_at(resid, positions)
+                logits = adapter.unembed_at(resid, positions)
                 kl(logits, data, reference).mean().backward()
             model.zero_grad(set_to_none=True)
 

@@ -22,7 +22,7 @@ MODELS = ("or_gate", "backup_head")
 
 
 def method_rows(n_true: int, smoke: bool) -> dict:
-    from circuitctl.config.learned_methods import EdgePruningSettings, EnsembleSettings, IfrSettings
+    from circuitctl.config.methods import EdgePruningSettings, EnsembleSettings, IfrSettings
     from circuitctl.config.methods import AcdcSettings, CdtSettings, EapIgSettings, EapSettings, ExactSettings, PathPatchingSettings
 
     steps = dict(steps=40, sparsity_warmup_steps=20, lr_warmup_steps=5) if smoke else dict(steps=1500, sparsity_warmup_steps=700, lr_warmup_steps=100)

@@ -39,7 +39,7 @@ def planted_settings(n_edges, **overrides):
     """Edge-pruning settings that recover the planted circuits (graphs of 13-52 edges): the reference's
     schedule shortened, learning rate 0.1 (0.8 overshoots masks into the dead zone on graphs this
     small), expected-L0 sparsity."""
-    from circuitctl.config.learned_methods import EdgePruningSettings
+    from circuitctl.config.methods import EdgePruningSettings
 
     fields = dict(edges=n_edges, steps=1500, sparsity_warmup_steps=700, lr_warmup_steps=100, lr=0.1, lambda_lr=0.1)
     return EdgePruningSettings(**{**fields, **overrides})

@@ -41,10 +41,11 @@ import torch
 
 from circuitctl import distributed
 from circuitctl.checkpoint import Autosave, hold_interrupts
-from circuitctl.config.learned_methods import EdgePruningSettings
+from circuitctl.config.methods import EdgePruningSettings
 from circuitctl.errors import UsageError
 from circuitctl.methods import hard_concrete
-from circuitctl.methods.base import DiscoveryContext, DiscoveryResult, SweepPoint, run_method
+from circuitctl.methods.base import DiscoveryContext, DiscoveryResult, SweepPoint
+from circuitctl.methods.ensemble import member_edge_scores
 from circuitctl.methods.mask_training import (
     TrainingData,
     linear_schedule,
@@ -120,7 +121,7 @@ def discover(context: DiscoveryContext, settings: EdgePruningSettings) -> Discov
     if loaded is not None:
         progress, init_scores = _restored(loaded, graph, len(targets), context)
     if settings.init_from is not None and init_scores is None:
-        init_scores = _member_scores(context, settings.init_from)
+        init_scores = member_edge_scores(context, settings.init_from)[0]
         autosave.save()
     start_sparsity = settings.init_sparsity if init_scores is not None else 0.0
     data = TrainingData(context, settings.batch_size, settings.cache_mib)
@@ -190,19 +191,14 @@ def _step(context, settings, data: TrainingData, pruner: _Pruner, step: int, tar
 def _initial_log_alpha(context, settings: EdgePruningSettings, init_scores, edge_mask) -> torch.Tensor:
     """N(init_log_alpha, 0.01) per edge (the reference's), or the warm start from another method."""
     graph = context.graph
-    generator = torch.Generator().manual_seed(context.seed)
-    initial = settings.init_log_alpha + 0.01 * torch.randn(graph.n_upstream, graph.n_downstream, generator=generator)
+    # drawn on the host, so that a seed gives the same initial masks on every device
+    generator = torch.Generator(device="cpu").manual_seed(context.seed)
+    noise = torch.randn(graph.n_upstream, graph.n_downstream, generator=generator, device="cpu")
+    initial = settings.init_log_alpha + 0.01 * noise
     if init_scores is not None:
         mask = graph.edge_mask
         initial[mask] = hard_concrete.warm_start(init_scores[mask].float(), 1.0 - settings.init_sparsity)
     return initial.to(edge_mask.device)
-
-
-def _member_scores(context: DiscoveryContext, member) -> torch.Tensor:
-    from dataclasses import replace
-
-    result = run_method(replace(context, checkpoint=None, resume=False), member)
-    return result.scores.float().cpu()
 
 
 def _result(context, settings, targets, sparsities, progress: _Progress, data: TrainingData) -> DiscoveryResult:
@@ -212,7 +208,7 @@ def _result(context, settings, targets, sparsities, progress: _Progress, data: T
     for (kind, value), target, log_alpha, log in zip(targets, sparsities, progress.finished, progress.log):
         log_alpha = log_alpha.float().cpu()
         membership = hard_concrete.binarize(log_alpha, mask)
-        scores = torch.where(mask, log_alpha - log_alpha[mask].min(), torch.zeros(()))
+        scores = torch.where(mask, log_alpha - log_alpha[mask].min(), torch.zeros((), device="cpu"))
         extra = {
             "edge_pruning": {
                 kind: value,
@@ -227,8 +223,9 @@ def _result(context, settings, targets, sparsities, progress: _Progress, data: T
     files = {"edge_pruning_log.json": {"points": [{"label": p.label, "log": log} for p, log in zip(points, progress.log)]}}
     if len(points) == 1:
         only = points[0]
-        return DiscoveryResult(only.scores, only.membership, only.forward_passes, only.extra, files)
-    return DiscoveryResult(points[0].scores, points[0].membership, sum(p.forward_passes for p in points), {}, files, sweep=points)
+        return DiscoveryResult(only.scores, only.membership, forward_passes=only.forward_passes, extra=only.extra, files=files)
+    total = sum(p.forward_passes for p in points)
+    return DiscoveryResult(points[0].scores, points[0].membership, forward_passes=total, files=files, sweep=points)
 
 
 def _forward_passes(settings: EdgePruningSettings, data: TrainingData) -> float:

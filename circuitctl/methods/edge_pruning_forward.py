@@ -127,7 +127,7 @@ def masked_logits(
                 sizes = [H, n_kv, n_kv] + ([1] if g.spec.has_mlps else [])
                 layer_mix[layer] = list(mix(g.layer_inputs(layer), g.head_out_start[layer]).split(sizes))
             part = layer_mix[layer][naming.CHANNELS.index(channel)]
-            W, b = adapter._projection(layer, channel)
+            W, b = adapter.projection(layer, channel)
             normed = _normalize(model.blocks[layer].ln1, resid_pre[layer][None] - part)
             return torch.einsum("hbpd,hde->bphe", normed, W) + b
 
@@ -136,7 +136,7 @@ def masked_logits(
     def keep_heads(z, hook):
         layer = hook.layer()
         lo = g.head_out_start[layer]
-        writers.append(adapter._head_outputs(layer, z) - ablation_outputs[lo : lo + H])
+        writers.append(adapter.head_outputs(layer, z) - ablation_outputs[lo : lo + H])
 
     def mix_mlp_in(x, hook):
         layer = hook.layer()
@@ -164,7 +164,7 @@ def masked_logits(
         for block in model.blocks:
             resid = block(resid)
         resid = resid - mix(range(g.logits_index, g.logits_index + 1), g.n_upstream)[0]
-        return adapter._unembed_at(resid, positions)
+        return adapter.unembed_at(resid, positions)
 
 
 def node_keep(graph, node_mask: torch.Tensor) -> torch.Tensor:

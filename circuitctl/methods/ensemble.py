@@ -19,7 +19,7 @@ from dataclasses import replace
 import torch
 
 from circuitctl.checkpoint import Autosave
-from circuitctl.config.learned_methods import EnsembleSettings
+from circuitctl.config.methods import EnsembleSettings
 from circuitctl.errors import UsageError
 from circuitctl.methods.base import DiscoveryContext, DiscoveryResult, run_method
 
@@ -31,7 +31,7 @@ def average_ranks(values: torch.Tensor) -> torch.Tensor:
     ordered, order = torch.sort(values, stable=True)
     _, inverse, counts = torch.unique_consecutive(ordered, return_inverse=True, return_counts=True)
     ends = counts.cumsum(0).double()
-    ranks = torch.empty(len(values), dtype=torch.float64)
+    ranks = torch.empty(len(values), dtype=torch.float64, device=values.device)
     ranks[order] = ((ends - counts + 1 + ends) / 2)[inverse]
     return ranks
 
@@ -47,7 +47,7 @@ def signed_rank(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def normalized(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     largest = float(scores[mask].abs().max()) if bool(mask.any()) else 0.0
-    return torch.where(mask, scores.float() / largest, torch.zeros(())) if largest > 0 else torch.zeros_like(scores, dtype=torch.float32)
+    return torch.where(mask, scores.float() / largest, torch.zeros((), device=scores.device)) if largest > 0 else torch.zeros_like(scores, dtype=torch.float32)
 
 
 COMBINE = {"mean_rank": signed_rank, "mean_normalized": normalized}
@@ -56,6 +56,22 @@ COMBINE = {"mean_rank": signed_rank, "mean_normalized": normalized}
 def combine(member_scores: list[torch.Tensor], mask: torch.Tensor, how: str) -> torch.Tensor:
     transform = COMBINE[how]
     return torch.stack([transform(s.float(), mask) for s in member_scores]).mean(0)
+
+
+def member_edge_scores(context: DiscoveryContext, member) -> tuple[torch.Tensor, float]:
+    """Run one member (without checkpoints) -> (its edge scores [U, V] on the host, its forward
+    passes). Per-position edge scores (path patching) are projected onto the edge graph as their
+    MIB file is: each edge's score at the position where it is largest in magnitude."""
+    from circuitctl.circuits.edges import EdgeSpace
+    from circuitctl.circuits.positional import PositionalEdgeSpace, project
+
+    result = run_method(replace(context, checkpoint=None, resume=False), member)
+    scores = result.scores
+    if isinstance(result.space, PositionalEdgeSpace):
+        scores = project(result.space.pgraph, scores, torch.zeros_like(scores, dtype=torch.bool))[0]
+    elif result.space is not None and not isinstance(result.space, EdgeSpace):
+        raise UsageError(f"member '{member.name}' scores {result.space.unit}, not edges")
+    return scores.float().cpu(), result.forward_passes
 
 
 def discover(context: DiscoveryContext, settings: EnsembleSettings) -> DiscoveryResult:
@@ -73,13 +89,9 @@ def discover(context: DiscoveryContext, settings: EnsembleSettings) -> Discovery
         if state.get("n_edges") != graph.n_edges or state.get("done", 0) > len(settings.members):
             raise UsageError(f"{context.checkpoint.dir}: the checkpoint does not fit this model and config; delete it to start over")
         done = [(tensors[f"member.{i}"], fp) for i, fp in enumerate(state["forward_passes"])]
-    member_context = replace(context, checkpoint=None, resume=False)
     try:
         for member in settings.members[len(done) :]:
-            result = run_method(member_context, member)
-            if tuple(result.scores.shape) != (graph.n_upstream, graph.n_downstream):
-                raise UsageError(f"ensemble member '{member.name}' did not return edge scores")
-            done = done + [(result.scores.float().cpu(), result.forward_passes)]
+            done = done + [member_edge_scores(context, member)]
             autosave.save()
     except KeyboardInterrupt:
         if context.checkpoint is None:

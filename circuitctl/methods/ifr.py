@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from circuitctl.config.learned_methods import IfrSettings
+from circuitctl.config.methods import IfrSettings
 from circuitctl.methods.base import DiscoveryContext, DiscoveryResult
 from circuitctl.progress import bar
 
@@ -37,7 +37,7 @@ def importance(writers: torch.Tensor, reader: torch.Tensor, real: torch.Tensor) 
     reader_norm = reader.abs().sum(-1)  # [B, P]
     proximity = (reader_norm[None] - (reader[None] - writers).abs().sum(-1)).clamp(min=0)  # [n, B, P]
     total = proximity.sum(0, keepdim=True)
-    share = torch.where(total > 0, proximity / total.clamp(min=torch.finfo(total.dtype).tiny), torch.zeros(()))
+    share = torch.where(total > 0, proximity / total.clamp(min=torch.finfo(total.dtype).tiny), torch.zeros((), device=total.device))
     share = share * real[None]
     return (share.sum(-1) / real.sum(-1).clamp(min=1)[None]).sum(-1)
 

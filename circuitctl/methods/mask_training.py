@@ -61,8 +61,8 @@ class TrainingData:
         """Example indices of step `step`: epoch-wise seeded permutations, consecutive batches
         (the last one of an epoch may be shorter)."""
         epoch, i = divmod(step, self.batches_per_epoch)
-        generator = torch.Generator().manual_seed((self.context.seed * _MIX + epoch) % (2**63))
-        order = torch.randperm(self.data.n, generator=generator)
+        generator = torch.Generator(device="cpu").manual_seed((self.context.seed * _MIX + epoch) % (2**63))
+        order = torch.randperm(self.data.n, generator=generator, device="cpu")  # host: the same order on every device
         return order[i * self.batch_size : (i + 1) * self.batch_size]
 
     def batch(self, step: int) -> tuple[TaskData, torch.Tensor, torch.Tensor]:
@@ -112,7 +112,7 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str = "optimizer
     tensors = {}
     for index, state in optimizer.state_dict()["state"].items():
         for key, value in state.items():
-            tensors[f"{prefix}.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"{prefix}.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value, device="cpu")
     return tensors
 
 

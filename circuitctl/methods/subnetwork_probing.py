@@ -11,7 +11,7 @@ z_u * (its output in this pass) + (1 - z_u) * (its ablated output), i.e. the edg
 native circuit keeps the nodes whose noiseless mask exceeds 1/2 (log-alpha > 0); scores are the
 log-alphas shifted so that the lowest is 0. Differences from the ACDC code: the masks sit on node
 outputs (input, heads, MLPs) rather than on each head's q/k/v activations and MLP outputs, so the
-circuit is a node circuit evaluated like every other (`granularity: node`).
+circuit is a node circuit (`NodeSpace`), selected, evaluated and written like EAP-IG's node circuits.
 
 Resumable exactly like edge pruning (log-alphas, Adam state, step; data order and noise are
 functions of (seed, step)).
@@ -25,7 +25,8 @@ import torch
 
 from circuitctl import distributed
 from circuitctl.checkpoint import Autosave, hold_interrupts
-from circuitctl.config.learned_methods import SubnetworkProbingSettings
+from circuitctl.circuits.nodes import NodeSpace
+from circuitctl.config.methods import SubnetworkProbingSettings
 from circuitctl.errors import UsageError
 from circuitctl.methods import hard_concrete
 from circuitctl.methods.base import DiscoveryContext, DiscoveryResult
@@ -52,8 +53,8 @@ def discover(context: DiscoveryContext, settings: SubnetworkProbingSettings) -> 
     if distributed.world_size() > 1:
         raise UsageError("method 'subnetwork_probing' runs on one process; run it without torchrun")
     graph, device = context.graph, context.adapter.device
-    generator = torch.Generator().manual_seed(context.seed)
-    initial = settings.init_log_alpha + 0.01 * torch.randn(graph.n_upstream, generator=generator)
+    generator = torch.Generator(device="cpu").manual_seed(context.seed)  # host: the same masks on every device
+    initial = settings.init_log_alpha + 0.01 * torch.randn(graph.n_upstream, generator=generator, device="cpu")
     log_alpha = initial.to(device).requires_grad_(True)
     optimizer = torch.optim.Adam([log_alpha], lr=settings.lr)
     progress = _Progress(0, [])
@@ -98,9 +99,10 @@ def discover(context: DiscoveryContext, settings: SubnetworkProbingSettings) -> 
     final = log_alpha.detach().float().cpu()
     membership = final > 0
     extra = {
-        "units": {"granularity": "node", "positions": None},  # node circuit: evaluated by the unit pipeline
         "subnetwork_probing": {"native_nodes": [graph.upstream[u] for u in membership.nonzero().flatten().tolist()], "final": progress.log[-1]},
     }
     forward_passes = 2.0 + settings.steps * data.batch_size / context.data.n
     files = {"subnetwork_probing_log.json": {"log": progress.log}}
-    return DiscoveryResult(scores=final - final.min(), membership=membership, forward_passes=forward_passes, extra=extra, files=files)
+    return DiscoveryResult(
+        scores=final - final.min(), membership=membership, space=NodeSpace(graph), forward_passes=forward_passes, extra=extra, files=files
+    )

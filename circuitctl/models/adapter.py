@@ -266,12 +266,14 @@ class ModelAdapter:
             return None
         return tok.bos_token_id
 
-    # -- forward passes --------------------------------------------------------------------
+    # -- building blocks of the forward passes (public: methods with their own differentiable
+    #    pass, e.g. edge pruning's masked forward, use them too) ------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """The `input` node's output: the residual stream entering layer 0."""
         return self.model(tokens, stop_at_layer=0)
 
-    def _unembed_at(self, resid: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def unembed_at(self, resid: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits [B, vocab] at `positions` [B] from the final residual stream [B, P, d_model]."""
         # LayerNorm is per position, so reading the answer positions first is exact and
         # skips the (large) unembedding of every other position.
         rows = torch.arange(resid.shape[0], device=resid.device)
@@ -280,7 +282,7 @@ class ModelAdapter:
             picked = self.model.ln_final(picked)
         return self.model.unembed(picked)[:, 0, :]
 
-    def _projection(self, layer: int, channel: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def projection(self, layer: int, channel: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(W [n, d_model, d_head], b [n, d_head]) that make hook_{channel}: n = n_heads for q, and
         n_kv_heads for k / v of grouped-query attention (the shared, unrepeated weights)."""
         attn = self.model.blocks[layer].attn
@@ -289,10 +291,11 @@ class ModelAdapter:
             return getattr(attn, f"_W_{name}"), getattr(attn, f"_b_{name}")
         return getattr(attn, f"W_{name}"), getattr(attn, f"b_{name}")
 
-    def _head_outputs(self, layer: int, z: torch.Tensor) -> torch.Tensor:
+    def head_outputs(self, layer: int, z: torch.Tensor) -> torch.Tensor:
         """[B, P, H, d_head] -> [H, B, P, d_model]: each head's contribution, without b_O."""
         return torch.einsum("bphe,hed->hbpd", z, self.model.blocks[layer].attn.W_O)
 
+    # -- forward passes --------------------------------------------------------------------
     def run(self, tokens: torch.Tensor, positions: torch.Tensor) -> Capture:
         """A plain forward pass that records every node's output."""
         g, L = self.graph, self.cfg.n_layers
@@ -303,7 +306,7 @@ class ModelAdapter:
             resids.append(x)
 
         def keep_z(z, hook):
-            outputs.append(self._head_outputs(hook.layer(), z))
+            outputs.append(self.head_outputs(hook.layer(), z))
 
         def keep_mlp(x, hook):
             outputs.append(x[None])
@@ -316,7 +319,7 @@ class ModelAdapter:
             resid = self.embed(tokens)
             for block in self.model.blocks:
                 resid = block(resid)
-            logits = self._unembed_at(resid, positions)
+            logits = self.unembed_at(resid, positions)
         resids.append(resid)
         return Capture(
             outputs=torch.cat([resids[0][None]] + outputs, dim=0),
@@ -380,14 +383,14 @@ class ModelAdapter:
                 if d is None:
                     return x
                 normed = self.model.blocks[layer].ln1(current_resid[layer][None] - d)
-                W, b = self._projection(layer, name)
+                W, b = self.projection(layer, name)
                 return torch.einsum("hbpd,hde->bphe", normed, W) + b
 
             return hook_fn
 
         def keep_z(z, hook):
             layer = hook.layer()
-            out = self._head_outputs(layer, z).unflatten(1, (K, B))
+            out = self.head_outputs(layer, z).unflatten(1, (K, B))
             lo = g.head_out_start[layer]
             dynamic.append(out - ablation_outputs[lo : lo + H][:, None])
 
@@ -413,7 +416,7 @@ class ModelAdapter:
             d = delta(range(g.logits_index, g.logits_index + 1))
             if d is not None:
                 resid = resid - d[0]
-            logits = self._unembed_at(resid, positions.repeat(K))
+            logits = self.unembed_at(resid, positions.repeat(K))
         return logits.unflatten(0, (K, B))
 
     # -- gradients -------------------------------------------------------------------------
@@ -439,7 +442,7 @@ class ModelAdapter:
             return x
 
         def keep_z(z, hook):
-            head_outputs.append(self._head_outputs(hook.layer(), z.detach()))
+            head_outputs.append(self.head_outputs(hook.layer(), z.detach()))
 
         hook_list = []
         for i in range(L):
@@ -453,7 +456,7 @@ class ModelAdapter:
             for block in self.model.blocks:
                 resid = block(resid)
             final = resid
-            logits = self._unembed_at(final, positions)
+            logits = self.unembed_at(final, positions)
             value = objective(logits)
         wrt_names = [f"blocks.{i}.attn.hook_{c}" for i in range(L) for c in naming.CHANNELS]
         if g.spec.has_mlps:
@@ -478,7 +481,7 @@ class ModelAdapter:
                 per_head = []
                 for c in naming.CHANNELS:
                     gr = grad_of[f"blocks.{i}.attn.hook_{c}"]
-                    W, _ = self._projection(i, c)  # k / v of grouped-query attention: per KV head
+                    W, _ = self.projection(i, c)  # k / v of grouped-query attention: per KV head
                     if gr is None:
                         per_head.append(torch.zeros((W.shape[0],) + tuple(resid0.shape), dtype=resid0.dtype, device=resid0.device))
                     else:

@@ -126,7 +126,7 @@ def gradient_pass(
         for block in model.blocks[start_layer:]:
             x = block(x)
         final = x
-        logits = adapter._unembed_at(final, positions)
+        logits = adapter.unembed_at(final, positions)
         value = objective(logits)
 
     names: list[str] = []
@@ -158,7 +158,7 @@ def gradient_pass(
         """[B, P, n, d_head] gradients at hook_q/k/v -> [sum of n, B, P, d] at the residual stream
         (n = n_heads for q; for k / v of grouped-query attention, n_kv_heads and the shared weights)."""
         cot = torch.cat(
-            [torch.einsum("bphe,hde->hbpd", gr, adapter._projection(layer, c)[0]) for gr, c in zip(per_channel, channels)]
+            [torch.einsum("bphe,hde->hbpd", gr, adapter.projection(layer, c)[0]) for gr, c in zip(per_channel, channels)]
         )
         # LayerNorm's backward is linear in the incoming gradient given the forward statistics:
         # one vectorised vjp covers every head and channel.

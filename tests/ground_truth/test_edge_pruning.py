@@ -4,7 +4,7 @@ The masked forward is checked against the patching engine (at binary masks it *i
 patching) and against EAP (its gradient at the all-ones mask is the EAP contraction). Edge
 pruning itself is checked on the planted models: it recovers every planted circuit exactly at
 its size, and keeps faithful circuits on the OR-gate and backup-head models where single-edge
-scores fail (tests/test_redundant_models.py). Training settings for these tiny graphs are
+scores fail (tests/ground_truth/test_redundant_models.py). Training settings for these tiny graphs are
 chosen in `helpers.planted_settings` (see the README for why they differ from the reference's GPT-2 ones).
 """
 
@@ -18,7 +18,7 @@ from conftest import random_model, random_tokens
 from helpers import edge_auc, planted_context, planted_settings
 
 from circuitctl.checkpoint import Checkpoint
-from circuitctl.config.learned_methods import EdgePruningSettings
+from circuitctl.config.methods import EdgePruningSettings
 from circuitctl.config.methods import EapSettings
 from circuitctl.errors import InterruptedRun
 from circuitctl.methods import eap, edge_pruning, hard_concrete

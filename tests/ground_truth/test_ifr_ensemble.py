@@ -21,7 +21,8 @@ from conftest import random_model, random_tokens
 from helpers import edge_auc, planted_context
 
 from circuitctl.checkpoint import Checkpoint
-from circuitctl.config.learned_methods import EnsembleSettings, IfrSettings, SubnetworkProbingSettings
+from circuitctl.circuits.nodes import NodeSpace
+from circuitctl.config.methods import EnsembleSettings, IfrSettings, SubnetworkProbingSettings
 from circuitctl.config.methods import EapSettings
 from circuitctl.errors import InterruptedRun
 from circuitctl.methods import eap, ensemble, ifr, subnetwork_probing
@@ -171,7 +172,7 @@ def test_subnetwork_probing_finds_the_planted_nodes(name, nodes):
     result = subnetwork_probing.discover(context, SubnetworkProbingSettings(steps=600, lr=0.05, lambda_reg=0.5))
     native = {context.graph.upstream[u] for u in result.membership.nonzero().flatten().tolist()}
     assert native == nodes
-    assert result.extra["units"]["granularity"] == "node"
+    assert isinstance(result.space, NodeSpace) and result.scores.shape == (context.graph.n_upstream,)
 
 
 def test_interrupted_subnetwork_probing_resumes_to_bit_identical_masks(tmp_path, monkeypatch):

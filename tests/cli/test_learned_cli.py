@@ -10,7 +10,7 @@ import pytest
 import yaml
 from test_interrupt import SIGNALS, acdc_world, cli, comparable, interrupt, needs_resume  # noqa: F401  (acdc_world: a fixture)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SHORT = ["method.steps=60", "method.sparsity_warmup_steps=40", "method.lr_warmup_steps=10"]
