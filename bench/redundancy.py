@@ -5,7 +5,9 @@
 
 For each method: ROC AUC of |score| against the true edges, and f of the circuit made of the
 top-|GT| edges by |score| (for edge pruning: its native, binarised circuit trained at the
-ground-truth size), with resample ablation and the logit difference. Quality numbers, not timings.
+ground-truth size), with resample ablation and the logit difference. Path patching's
+per-position scores are projected onto the edge graph as its MIB file is (each edge's score at
+its largest-magnitude position). Quality numbers, not timings.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def main() -> None:
     from helpers import edge_auc, planted_context
 
     from circuitctl.methods.base import run_method
+    from circuitctl.methods.ensemble import member_edge_scores
     from circuitctl.metrics.faithfulness import normalized_faithfulness, top_edges
 
     torch.set_num_threads(1)
@@ -63,13 +66,14 @@ def main() -> None:
         engine = context.engine(batch_size=24, keep_cache=True)
         m_full, m_empty = engine.full_and_empty()
         for label, settings in method_rows(len(pc.true_edges), args.smoke).items():
-            result = run_method(context, settings)
             if settings.name == "edge_pruning":
-                keep = result.membership
-            else:
-                keep = top_edges(result.scores, graph.edge_mask, len(pc.true_edges), absolute=True)
+                result = run_method(context, settings)
+                scores, keep = result.scores, result.membership
+            else:  # path patching's per-position scores projected onto the edge graph, as its MIB file
+                scores, _ = member_edge_scores(context, settings)
+                keep = top_edges(scores, graph.edge_mask, len(pc.true_edges), absolute=True)
             f = normalized_faithfulness(float(engine.circuit_values(keep[None])[0]), m_full, m_empty)
-            row = {"model": model, "method": label, "roc_auc": edge_auc(graph, result.scores, pc.true_edges), "f_at_gt_size": f, "n_true": len(pc.true_edges)}
+            row = {"model": model, "method": label, "roc_auc": edge_auc(graph, scores, pc.true_edges), "f_at_gt_size": f, "n_true": len(pc.true_edges)}
             rows.append(row)
             print(f"{model:12s} {label:40s} AUC {row['roc_auc']:.2f}  f(top-{row['n_true']}) {f:5.2f}", flush=True)
     print("\n| method | OR-gate: ROC AUC | OR-gate: f at 5 edges | backup head: ROC AUC | backup head: f at 2 edges |")
