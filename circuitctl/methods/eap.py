@@ -50,8 +50,8 @@ def attribution_block(context: DiscoveryContext, engine, gradient_runs, batch) -
     ablation = engine.ablation_outputs(batch)
     block_scores = torch.zeros(graph.n_upstream, graph.n_downstream, dtype=torch.float32, device=context.adapter.device)
     for weight, clean_outputs, per_layer in gradient_runs(batch, ablation):
-        # one float32 buffer [U, B*P*d] (no intermediate in the model's dtype)
-        flat_delta = clean_outputs.to(torch.float32, copy=True).neg_().add_(ablation).flatten(1)
+        # one float32 buffer [U, B*P*d] (one pass for a float32 model)
+        flat_delta = torch.sub(ablation.float(), clean_outputs.float()).flatten(1)
         for inputs, grads in per_layer:
             # the inputs of one layer read prefixes of nearly equal length: use the longest
             # and mask the few non-edges (a head's own layer) afterwards

@@ -14,7 +14,7 @@ Why it is written this way: TransformerLens 3.9's ``use_attn_result`` and
 forward + backward 6-13x slower. We need neither: a head's output is ``hook_z @ W_O[h]``,
 a patched q/k/v input is re-projected inside ``hook_q/k/v`` only for the layers that an
 ablation touches, and per-head input gradients are the LayerNorm backward of
-``grad(hook_q) @ W_Q[h]^T`` (one vectorised ``vjp`` per layer). Keeping every TL-specific line
+``grad(hook_q) @ W_Q[h]^T`` (`circuitctl.models.norm_backward`, for every head at once). Keeping every TL-specific line
 here means a ``TransformerBridge`` backend (TL 4.x) can later be added beside this one.
 """
 
@@ -31,6 +31,7 @@ import torch
 from circuitctl.errors import UsageError
 from circuitctl.graph import naming
 from circuitctl.graph.graph import Graph, GraphSpec
+from circuitctl.models.norm_backward import normalisation_input_gradients
 
 Objective = Callable[[torch.Tensor], torch.Tensor]  # logits at answer positions [B, vocab] -> scalar
 
@@ -490,8 +491,7 @@ class ModelAdapter:
                 resid_pre = acts[f"blocks.{i}.hook_resid_pre"].detach()
                 # LayerNorm backward is linear in the incoming gradient given the forward
                 # statistics: one vectorised vjp covers every head and channel.
-                _, vjp_fn = torch.func.vjp(block.ln1, resid_pre)
-                grads_qkv = torch.vmap(vjp_fn)(cot)[0]
+                grads_qkv = normalisation_input_gradients(block.ln1, resid_pre, cot)
                 if g.spec.has_mlps:
                     gm = grad_of[f"blocks.{i}.hook_mlp_in"]
                     gm = zeros_like_resid() if gm is None else gm

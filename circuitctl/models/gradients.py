@@ -24,6 +24,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from circuitctl.models.norm_backward import normalisation_input_gradients
+
 from circuitctl.graph import naming
 
 Objective = Callable[[torch.Tensor], torch.Tensor]
@@ -162,8 +164,7 @@ def gradient_pass(
         )
         # LayerNorm's backward is linear in the incoming gradient given the forward statistics:
         # one vectorised vjp covers every head and channel.
-        _, vjp_fn = torch.func.vjp(model.blocks[layer].ln1, acts[f"blocks.{layer}.hook_resid_pre"].detach())
-        return torch.vmap(vjp_fn)(cot)[0]
+        return normalisation_input_gradients(model.blocks[layer].ln1, acts[f"blocks.{layer}.hook_resid_pre"].detach(), cot)
 
     def kv_split(layer: int) -> Iterator[torch.Tensor]:
         z = acts[f"blocks.{layer}.attn.hook_z"]
