@@ -6,8 +6,10 @@ Baselines (same batch, same model, 2 threads):
   fwd+bwd (activations): clean forward, logit-difference metric, backward to the
       embeddings with the parameters frozen: exactly the gradient work attribution needs.
   fwd+bwd (params): the same with parameter gradients, as a training step computes.
+  floor: one plain corrupt forward + the activations fwd+bwd: EAP's floor (issue 19: within 1.15x).
+  strict floor: the same without the logits EAP never computes (the corrupt run's, and the clean
+      run's at positions other than the answer's): a lower bound no implementation can beat.
 EAP = one corrupt forward + one clean forward + backward + the per-layer score contraction.
-Target (issue 2): EAP within 1.5x of the activations baseline.
 """
 
 from __future__ import annotations
@@ -33,11 +35,31 @@ def inner(kind: str, shape: str, batch: int, length: int) -> dict:
 
     model = build_model(shape)
     data = random_pairs(model.cfg.d_vocab, batch, length)
+    clean, answers, wrong = data.clean, data.answers, data.wrong
     rss_before = peak_rss_mb()
     if kind == "eap":
         adapter = ModelAdapter(model)
         context = DiscoveryContext(adapter, data, METRICS.get("logit_diff"), AblationConfig())
         seconds = time_it(lambda: attribution_scores(context, batch, clean_gradient_run(context)))
+    elif kind in ("floor", "strict_floor"):
+        model.requires_grad_(False)
+        L = model.cfg.n_layers
+
+        def make_leaf(x, hook):
+            return x.detach().requires_grad_(True)
+
+        def step():
+            with torch.no_grad():
+                model(data.corrupt, stop_at_layer=L if kind == "strict_floor" else None)
+            with model.hooks(fwd_hooks=[("hook_embed", make_leaf)]):
+                if kind == "strict_floor":
+                    resid = model(data.clean, stop_at_layer=L)
+                    logits = model.unembed(model.ln_final(resid[:, -1:, :]))[:, 0]
+                else:
+                    logits = model(data.clean)[:, -1]
+            (logits.gather(1, answers) - logits.gather(1, wrong)).sum().backward()
+
+        seconds = time_it(step)
     else:
         with_params = kind == "fwd_bwd_params"
         model.requires_grad_(with_params)
@@ -71,7 +93,10 @@ def main() -> None:
 
     rows = []
     for shape in args.shapes:
-        runs = {k: run_inner(__file__, [k, shape, str(args.batch), str(args.length)]) for k in ("fwd_bwd_acts", "fwd_bwd_params", "eap")}
+        runs = {
+            k: run_inner(__file__, [k, shape, str(args.batch), str(args.length)])
+            for k in ("fwd_bwd_acts", "fwd_bwd_params", "floor", "strict_floor", "eap")
+        }
         rows.append(
             {
                 "shape": shape,
@@ -79,20 +104,27 @@ def main() -> None:
                 "length": args.length,
                 "fwd_bwd_activations_s": runs["fwd_bwd_acts"]["seconds"],
                 "fwd_bwd_params_s": runs["fwd_bwd_params"]["seconds"],
+                "floor_s": runs["floor"]["seconds"],
+                "strict_floor_s": runs["strict_floor"]["seconds"],
                 "eap_s": runs["eap"]["seconds"],
+                "ratio_vs_floor": runs["eap"]["seconds"] / runs["floor"]["seconds"],
+                "ratio_vs_strict_floor": runs["eap"]["seconds"] / runs["strict_floor"]["seconds"],
                 "ratio_vs_activations": runs["eap"]["seconds"] / runs["fwd_bwd_acts"]["seconds"],
                 "ratio_vs_params": runs["eap"]["seconds"] / runs["fwd_bwd_params"]["seconds"],
                 "peak_rss_mb": {k: round(v["peak_rss_mb"]) for k, v in runs.items()},
             }
         )
     table = Table(title=f"EAP scoring pass vs plain forward + backward (batch {args.batch}, {args.length} tokens, CPU)")
-    for column in ("model", "fwd+bwd acts (s)", "fwd+bwd params (s)", "EAP (s)", "EAP / acts", "EAP / params", "peak RSS MB (acts/params/EAP)"):
+    for column in (
+        "model", "fwd+bwd acts (s)", "floor (s)", "strict floor (s)", "EAP (s)", "EAP / floor", "EAP / strict floor", "EAP / acts", "EAP / params",
+        "peak RSS MB (acts/params/EAP)",
+    ):
         table.add_column(column)
     for r in rows:
         rss = r["peak_rss_mb"]
         table.add_row(
-            r["shape"], f"{r['fwd_bwd_activations_s']:.3f}", f"{r['fwd_bwd_params_s']:.3f}", f"{r['eap_s']:.3f}",
-            f"{r['ratio_vs_activations']:.2f}x", f"{r['ratio_vs_params']:.2f}x",
+            r["shape"], f"{r['fwd_bwd_activations_s']:.3f}", f"{r['floor_s']:.3f}", f"{r['strict_floor_s']:.3f}", f"{r['eap_s']:.3f}",
+            f"{r['ratio_vs_floor']:.2f}x", f"{r['ratio_vs_strict_floor']:.2f}x", f"{r['ratio_vs_activations']:.2f}x", f"{r['ratio_vs_params']:.2f}x",
             f"{rss['fwd_bwd_acts']}/{rss['fwd_bwd_params']}/{rss['eap']}",
         )
     Console().print(table)

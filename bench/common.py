@@ -100,7 +100,7 @@ def forward_backward(adapter, data, batch: int) -> None:
         with torch.enable_grad():
             for block in adapter.model.blocks:
                 resid = block(resid)
-            logits = adapter._unembed_at(resid, piece.answer_positions)
+            logits = adapter.unembed_at(resid, piece.answer_positions)
             (logits.gather(1, piece.answers[:, :1]) - logits.gather(1, piece.wrong[:, :1])).sum().backward()
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from circuitctl.testing.planted import PLANTED, build, export
+from circuitctl.testing.planted import PLANTED, REDUNDANT, build, export
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,7 +20,7 @@ def shipped_name(name: str) -> str:
 
 
 def main(names: list[str]) -> None:
-    for name in names or sorted(PLANTED):
+    for name in names or sorted({**PLANTED, **REDUNDANT}):
         pc = build(name)
         shipped = shipped_name(name)
         model_dir, task_dir = export(pc, ROOT / "models" / shipped, ROOT / "tasks" / shipped)

@@ -10,7 +10,7 @@ from circuitctl.config.schema import AblationConfig
 from circuitctl.methods.base import DiscoveryContext
 from circuitctl.metrics.metrics import METRICS
 from circuitctl.models.adapter import ModelAdapter
-from circuitctl.testing.planted import build, build_model
+from circuitctl.testing.planted import REDUNDANT, build, build_model  # the one import of the planted models (re-exported)
 from circuitctl.tasks.data import tokenize_pairs
 from circuitctl.tasks.records import pair_from_record
 
@@ -33,6 +33,16 @@ def edge_auc(graph, scores, true_edges) -> float:
 
     names = graph.edge_names()
     return roc_auc([abs(float(scores[graph.edge_index(e)])) for e in names], [e in true_edges for e in names])
+
+
+def planted_settings(n_edges, **overrides):
+    """Edge-pruning settings that recover the planted circuits (graphs of 13-52 edges): the reference's
+    schedule shortened, learning rate 0.1 (0.8 overshoots masks into the dead zone on graphs this
+    small), expected-L0 sparsity."""
+    from circuitctl.config.methods import EdgePruningSettings
+
+    fields = dict(edges=n_edges, steps=1500, sparsity_warmup_steps=700, lr_warmup_steps=100, lr=0.1, lambda_lr=0.1)
+    return EdgePruningSettings(**{**fields, **overrides})
 
 
 def planted_module():

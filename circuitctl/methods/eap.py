@@ -62,8 +62,8 @@ def attribution_block(context: DiscoveryContext, engine, gradient_runs, batch, p
     rows = (batch.n,) if per_example else ()
     block_scores = torch.zeros(*rows, graph.n_upstream, graph.n_downstream, dtype=torch.float32, device=context.adapter.device)
     for weight, clean_outputs, per_layer in gradient_runs(batch, ablation):
-        # one float32 buffer [U, B*P*d] (no intermediate in the model's dtype)
-        delta = clean_outputs.to(torch.float32, copy=True).neg_().add_(ablation)
+        # one float32 buffer [U, B, P, d] (one pass for a float32 model)
+        delta = torch.sub(ablation.float(), clean_outputs.float())
         flat_delta = delta.flatten(2).transpose(0, 1) if per_example else delta.flatten(1)  # [B, U, P*d] or [U, B*P*d]
         for inputs, grads in per_layer:
             # the inputs of one layer read prefixes of nearly equal length: use the longest

@@ -14,7 +14,7 @@ Why it is written this way: TransformerLens 3.9's ``use_attn_result`` and
 forward + backward 6-13x slower. We need neither: a head's output is ``hook_z @ W_O[h]``,
 a patched q/k/v input is re-projected inside ``hook_q/k/v`` only for the layers that an
 ablation touches, and per-head input gradients are the LayerNorm backward of
-``grad(hook_q) @ W_Q[h]^T`` (one vectorised ``vjp`` per layer). Keeping every TL-specific line
+``grad(hook_q) @ W_Q[h]^T`` (`circuitctl.models.norm_backward`, for every head at once). Keeping every TL-specific line
 here means a ``TransformerBridge`` backend (TL 4.x) can later be added beside this one.
 """
 
@@ -31,6 +31,7 @@ import torch
 from circuitctl.errors import UsageError
 from circuitctl.graph import naming
 from circuitctl.graph.graph import Graph, GraphSpec
+from circuitctl.models.norm_backward import normalisation_input_gradients
 
 Objective = Callable[[torch.Tensor], torch.Tensor]  # logits at answer positions [B, vocab] -> scalar
 
@@ -266,12 +267,14 @@ class ModelAdapter:
             return None
         return tok.bos_token_id
 
-    # -- forward passes --------------------------------------------------------------------
+    # -- building blocks of the forward passes (public: methods with their own differentiable
+    #    pass, e.g. edge pruning's masked forward, use them too) ------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """The `input` node's output: the residual stream entering layer 0."""
         return self.model(tokens, stop_at_layer=0)
 
-    def _unembed_at(self, resid: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def unembed_at(self, resid: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits [B, vocab] at `positions` [B] from the final residual stream [B, P, d_model]."""
         # LayerNorm is per position, so reading the answer positions first is exact and
         # skips the (large) unembedding of every other position.
         rows = torch.arange(resid.shape[0], device=resid.device)
@@ -280,7 +283,7 @@ class ModelAdapter:
             picked = self.model.ln_final(picked)
         return self.model.unembed(picked)[:, 0, :]
 
-    def _projection(self, layer: int, channel: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def projection(self, layer: int, channel: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(W [n, d_model, d_head], b [n, d_head]) that make hook_{channel}: n = n_heads for q, and
         n_kv_heads for k / v of grouped-query attention (the shared, unrepeated weights)."""
         attn = self.model.blocks[layer].attn
@@ -289,10 +292,11 @@ class ModelAdapter:
             return getattr(attn, f"_W_{name}"), getattr(attn, f"_b_{name}")
         return getattr(attn, f"W_{name}"), getattr(attn, f"b_{name}")
 
-    def _head_outputs(self, layer: int, z: torch.Tensor) -> torch.Tensor:
+    def head_outputs(self, layer: int, z: torch.Tensor) -> torch.Tensor:
         """[B, P, H, d_head] -> [H, B, P, d_model]: each head's contribution, without b_O."""
         return torch.einsum("bphe,hed->hbpd", z, self.model.blocks[layer].attn.W_O)
 
+    # -- forward passes --------------------------------------------------------------------
     def run(self, tokens: torch.Tensor, positions: torch.Tensor) -> Capture:
         """A plain forward pass that records every node's output."""
         g, L = self.graph, self.cfg.n_layers
@@ -303,7 +307,7 @@ class ModelAdapter:
             resids.append(x)
 
         def keep_z(z, hook):
-            outputs.append(self._head_outputs(hook.layer(), z))
+            outputs.append(self.head_outputs(hook.layer(), z))
 
         def keep_mlp(x, hook):
             outputs.append(x[None])
@@ -316,7 +320,7 @@ class ModelAdapter:
             resid = self.embed(tokens)
             for block in self.model.blocks:
                 resid = block(resid)
-            logits = self._unembed_at(resid, positions)
+            logits = self.unembed_at(resid, positions)
         resids.append(resid)
         return Capture(
             outputs=torch.cat([resids[0][None]] + outputs, dim=0),
@@ -380,14 +384,14 @@ class ModelAdapter:
                 if d is None:
                     return x
                 normed = self.model.blocks[layer].ln1(current_resid[layer][None] - d)
-                W, b = self._projection(layer, name)
+                W, b = self.projection(layer, name)
                 return torch.einsum("hbpd,hde->bphe", normed, W) + b
 
             return hook_fn
 
         def keep_z(z, hook):
             layer = hook.layer()
-            out = self._head_outputs(layer, z).unflatten(1, (K, B))
+            out = self.head_outputs(layer, z).unflatten(1, (K, B))
             lo = g.head_out_start[layer]
             dynamic.append(out - ablation_outputs[lo : lo + H][:, None])
 
@@ -413,7 +417,7 @@ class ModelAdapter:
             d = delta(range(g.logits_index, g.logits_index + 1))
             if d is not None:
                 resid = resid - d[0]
-            logits = self._unembed_at(resid, positions.repeat(K))
+            logits = self.unembed_at(resid, positions.repeat(K))
         return logits.unflatten(0, (K, B))
 
     # -- gradients -------------------------------------------------------------------------
@@ -439,7 +443,7 @@ class ModelAdapter:
             return x
 
         def keep_z(z, hook):
-            head_outputs.append(self._head_outputs(hook.layer(), z.detach()))
+            head_outputs.append(self.head_outputs(hook.layer(), z.detach()))
 
         hook_list = []
         for i in range(L):
@@ -453,7 +457,7 @@ class ModelAdapter:
             for block in self.model.blocks:
                 resid = block(resid)
             final = resid
-            logits = self._unembed_at(final, positions)
+            logits = self.unembed_at(final, positions)
             value = objective(logits)
         wrt_names = [f"blocks.{i}.attn.hook_{c}" for i in range(L) for c in naming.CHANNELS]
         if g.spec.has_mlps:
@@ -478,7 +482,7 @@ class ModelAdapter:
                 per_head = []
                 for c in naming.CHANNELS:
                     gr = grad_of[f"blocks.{i}.attn.hook_{c}"]
-                    W, _ = self._projection(i, c)  # k / v of grouped-query attention: per KV head
+                    W, _ = self.projection(i, c)  # k / v of grouped-query attention: per KV head
                     if gr is None:
                         per_head.append(torch.zeros((W.shape[0],) + tuple(resid0.shape), dtype=resid0.dtype, device=resid0.device))
                     else:
@@ -487,8 +491,7 @@ class ModelAdapter:
                 resid_pre = acts[f"blocks.{i}.hook_resid_pre"].detach()
                 # LayerNorm backward is linear in the incoming gradient given the forward
                 # statistics: one vectorised vjp covers every head and channel.
-                _, vjp_fn = torch.func.vjp(block.ln1, resid_pre)
-                grads_qkv = torch.vmap(vjp_fn)(cot)[0]
+                grads_qkv = normalisation_input_gradients(block.ln1, resid_pre, cot)
                 if g.spec.has_mlps:
                     gm = grad_of[f"blocks.{i}.hook_mlp_in"]
                     gm = zeros_like_resid() if gm is None else gm

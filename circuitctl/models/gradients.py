@@ -24,6 +24,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from circuitctl.models.norm_backward import normalisation_input_gradients
+
 from circuitctl.graph import naming
 
 Objective = Callable[[torch.Tensor], torch.Tensor]
@@ -126,7 +128,7 @@ def gradient_pass(
         for block in model.blocks[start_layer:]:
             x = block(x)
         final = x
-        logits = adapter._unembed_at(final, positions)
+        logits = adapter.unembed_at(final, positions)
         value = objective(logits)
 
     names: list[str] = []
@@ -158,12 +160,11 @@ def gradient_pass(
         """[B, P, n, d_head] gradients at hook_q/k/v -> [sum of n, B, P, d] at the residual stream
         (n = n_heads for q; for k / v of grouped-query attention, n_kv_heads and the shared weights)."""
         cot = torch.cat(
-            [torch.einsum("bphe,hde->hbpd", gr, adapter._projection(layer, c)[0]) for gr, c in zip(per_channel, channels)]
+            [torch.einsum("bphe,hde->hbpd", gr, adapter.projection(layer, c)[0]) for gr, c in zip(per_channel, channels)]
         )
         # LayerNorm's backward is linear in the incoming gradient given the forward statistics:
         # one vectorised vjp covers every head and channel.
-        _, vjp_fn = torch.func.vjp(model.blocks[layer].ln1, acts[f"blocks.{layer}.hook_resid_pre"].detach())
-        return torch.vmap(vjp_fn)(cot)[0]
+        return normalisation_input_gradients(model.blocks[layer].ln1, acts[f"blocks.{layer}.hook_resid_pre"].detach(), cot)
 
     def kv_split(layer: int) -> Iterator[torch.Tensor]:
         z = acts[f"blocks.{layer}.attn.hook_z"]

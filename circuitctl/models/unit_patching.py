@@ -48,7 +48,7 @@ def neuron_patched_logits(
         resid = clean.resid[start].repeat(K, 1, 1)
         for block in model.blocks[start:]:
             resid = block(resid)
-        logits = adapter._unembed_at(resid, positions.repeat(K))
+        logits = adapter.unembed_at(resid, positions.repeat(K))
     return logits.unflatten(0, (K, B))
 
 
@@ -145,7 +145,7 @@ def positional_patched_logits(
         layer = hook.layer()
         per_copy = z.unflatten(0, (K, G, B))
         merged = per_copy.gather(1, index.expand(K, 1, B, -1, z.shape[-2], z.shape[-1]))[:, 0]  # [K, B, P, H, e]
-        out = adapter._head_outputs(layer, merged.flatten(0, 1)).unflatten(1, (K, B))
+        out = adapter.head_outputs(layer, merged.flatten(0, 1)).unflatten(1, (K, B))
         lo = g.head_out_start[layer]
         dynamic.append(out - ablation_outputs[lo : lo + H][:, None])
         return merged[:, None].expand(K, G, B, *merged.shape[2:]).flatten(0, 2)
@@ -174,5 +174,5 @@ def positional_patched_logits(
         d = same_position(range(g.logits_index, g.logits_index + 1))
         if d is not None:
             resid = resid - d[0].flatten(0, 1)
-        logits = adapter._unembed_at(resid, positions.repeat(K))
+        logits = adapter.unembed_at(resid, positions.repeat(K))
     return logits.unflatten(0, (K, B))

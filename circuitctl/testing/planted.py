@@ -41,6 +41,7 @@ __all__ = [
     "PlantedCircuit",
     "PLANTED",
     "PLANTED_NEURONS",
+    "REDUNDANT",
     "build",
     "build_model",
     "export",
@@ -703,6 +704,156 @@ def layernorm_mlp() -> PlantedCircuit:
 
 
 # --------------------------------------------------------------------------------------
+# 7. Redundant mechanisms: or_gate and backup_head
+# --------------------------------------------------------------------------------------
+# Two mechanisms that defeat scores of single edges. Their true edges are a *circuit*
+# (keeping them alone keeps the behaviour) but ablating one of them alone changes nothing, so
+# they are kept out of ``PLANTED`` (whose test requires every true edge to matter on its own)
+# and registered in ``REDUNDANT``.
+
+_TRIGGER, _YES, _NO = 0, 10, 11  # vocabulary of the trigger tasks (12 tokens)
+
+
+def _trigger_pairs(seed: int, d_vocab: int, seq_len: int, n: int) -> list[dict]:
+    """Clean prompts start with the trigger token, corrupt ones with another token; the other
+    tokens (shared) are never the trigger, YES or NO. Answer YES, wrong answer NO."""
+    rng = random.Random(seed)
+    content = [t for t in range(d_vocab) if t not in (_TRIGGER, _YES, _NO)]
+    pairs = []
+    for _ in range(n):
+        rest = rng.sample(content, seq_len - 1)
+        first = rng.choice([t for t in content if t not in rest])
+        pairs.append(_record([_TRIGGER, *rest], [first, *rest], _YES, _NO))
+    return pairs
+
+
+def _detect_trigger(w: "_Writer", layer: int, h: int, dst: str, gain: float, dst_index: int = 0):
+    """Head (layer, h) reads position 0 and writes `gain` into block `dst` (+ `dst_index`)
+    when the token there is the trigger (V reads only the trigger's TOK coordinate)."""
+    a = w.attn(layer)
+    w.attend_position(layer, h, target=0)
+    a.W_V[h, w.layout["TOK"] + _TRIGGER, 0] = 1.0
+    a.W_O[h, 0, w.layout[dst] + dst_index] = gain
+
+
+def or_gate() -> PlantedCircuit:
+    V, N_CTX, SEQ, GAIN, NEG = 12, 8, 6, 4.0, 0.1
+    lay = _Layout()
+    lay.add("TOK", V)
+    lay.add("POS", N_CTX)
+    lay.add("F", 1)  # how many OR-gate heads saw the trigger (0, 1 or 2)
+    lay.add("OUT", V)
+    config = _base_config(
+        "or_gate", d_model=lay.size, d_head=V, n_layers=1, n_ctx=N_CTX, n_heads=5, d_vocab=V,
+        attn_only=False, d_mlp=4, act_fn="relu",
+    )
+    model = _blank_model(config)
+    w = _Writer(model, lay)
+    F, O = lay["F"], lay["OUT"]
+    with torch.no_grad():
+        w.embed_one_hot(V)
+        w.unembed_one_hot(V)
+        # a0.h0, a0.h1 (the OR-gate): each writes 1 into F when the first token is the trigger.
+        _detect_trigger(w, 0, 0, "F", 1.0)
+        _detect_trigger(w, 0, 1, "F", 1.0)
+        # a0.h2, a0.h3 (weak negative heads, like IOI's negative name movers): -0.1 on YES each.
+        _detect_trigger(w, 0, 2, "OUT", -NEG, _YES)
+        _detect_trigger(w, 0, 3, "OUT", -NEG, _YES)
+        # a0.h4 (distractor): copies the current token onto its logit.
+        w.attend_self(0, 4)
+        w.copy(0, 4, "TOK", "OUT", V, gain=2.0)
+        # m0: a saturating readout, YES += GAIN * clamp(F, 0, 1) = GAIN * (relu(F) - relu(F - 1)):
+        # F = 2 (both heads) and F = 1 (either head alone) give the same logit.
+        mlp = model.blocks[0].mlp
+        mlp.W_in[F, 0] = mlp.W_in[F, 1] = 1.0
+        mlp.b_in[1] = -1.0
+        mlp.W_out[0, O + _YES] = GAIN
+        mlp.W_out[1, O + _YES] = -GAIN
+        model.unembed.b_U[_NO] = GAIN / 2  # NO sits halfway between "trigger seen" and "not seen"
+    pairs = _trigger_pairs(seed=7, d_vocab=V, seq_len=SEQ, n=24)
+    true_edges = {"input->a0.h0<v>", "input->a0.h1<v>", "a0.h0->m0", "a0.h1->m0", "m0->logits"}
+    notes = (
+        "OR-gate: a0.h0 and a0.h1 each detect the trigger token at position 0 and write 1 into F; m0 reads "
+        "F through a clamp to [0, 1] (relu(F) - relu(F - 1)) and writes +4 on YES, so either head alone gives "
+        "the full answer. Ablating one OR-gate edge changes the logit difference by exactly 0 and the gradient "
+        "at the clean run (F = 2, on the flat part of the clamp) is exactly 0, so exact single-edge patching "
+        "and EAP both score the four OR-gate edges 0; ablating both heads removes the answer. Two weak negative "
+        "heads (a0.h2, a0.h3: -0.1 on YES each) have small real single-edge effects that rank above the "
+        "OR-gate edges; keeping only the true edges gives f = 1.05 (the negative heads are ablated). "
+        "Clean logit diff +1.8, corrupt -2."
+    )
+    return _finish(
+        "or_gate",
+        "1 layer with MLP: two heads each detect a trigger token; a saturating MLP readout needs either one (OR).",
+        config,
+        model,
+        pairs,
+        true_edges,
+        notes,
+    )
+
+
+def backup_head() -> PlantedCircuit:
+    V, N_CTX, SEQ, GAIN, SCORE = 12, 8, 6, 4.0, 60.0
+    lay = _Layout()
+    lay.add("TOK", V)
+    lay.add("POS", N_CTX)
+    lay.add("S", 1)  # "the primary head saw the trigger"
+    lay.add("OUT", V)
+    config = _base_config(
+        "backup_head", d_model=lay.size, d_head=V, n_layers=2, n_ctx=N_CTX, n_heads=2, d_vocab=V
+    )
+    model = _blank_model(config)
+    w = _Writer(model, lay)
+    P, S = lay["POS"], lay["S"]
+    with torch.no_grad():
+        w.embed_one_hot(V)
+        w.unembed_one_hot(V)
+        # a0.h0 (primary): detects the trigger at position 0, writes GAIN on YES and 1 into S.
+        _detect_trigger(w, 0, 0, "OUT", GAIN, _YES)
+        w.attn(0).W_O[0, 0, S] = 1.0
+        # a0.h1 (distractor): copies the current token onto its logit.
+        w.attend_self(0, 1)
+        w.copy(0, 1, "TOK", "OUT", V, gain=2.0)
+        # a1.h0 (backup): query (1 - S, 1) from b_Q and S, keys SCORE at position 0 and SCORE / 2 at
+        # position 1: with S = 1 it attends to position 1 (never the trigger: writes nothing), with
+        # S = 0 (the primary's output missing) to position 0, where it detects the trigger itself.
+        a = w.attn(1)
+        a.b_Q[0, 0] = a.b_Q[0, 1] = 1.0
+        a.W_Q[0, S, 0] = -1.0
+        a.W_K[0, P + 0, 0] = SCORE * math.sqrt(V)
+        a.W_K[0, P + 1, 1] = SCORE / 2 * math.sqrt(V)
+        a.W_V[0, lay["TOK"] + _TRIGGER, 0] = 1.0
+        a.W_O[0, 0, lay["OUT"] + _YES] = GAIN
+        # a1.h1 (distractor): copies the token at position 2 onto its logit.
+        w.attend_position(1, 1, target=2)
+        w.copy(1, 1, "TOK", "OUT", V, gain=1.5)
+        model.unembed.b_U[_NO] = GAIN / 2
+    pairs = _trigger_pairs(seed=8, d_vocab=V, seq_len=SEQ, n=24)
+    true_edges = {"input->a0.h0<v>", "a0.h0->logits"}
+    notes = (
+        "Backup head (self-repair): the primary head a0.h0 detects the trigger token at position 0, writes +4 "
+        "on YES and a flag S; the backup head a1.h0 reads S in its query and attends to the trigger position "
+        "only when S is missing, then writes the same +4 itself. Ablating input->a0.h0<v> alone changes "
+        "nothing (the backup takes over), so exact single-edge patching scores it 0; ablating a0.h0->logits "
+        "alone removes the answer (the backup still sees S); ablating a0.h0->a1.h0<q> alone makes the backup "
+        "fire too (logit diff +6 instead of +2). The true edges are the primary path, which alone keeps the "
+        "behaviour (f = 1); {input->a1.h0<v>, a1.h0->logits} (the backup path) is another circuit with f = 1. "
+        "EAP linearises at the clean run, where the backup's softmax is saturated, so it does not see the "
+        "self-repair and scores input->a0.h0<v> like a0.h0->logits. Clean logit diff +2, corrupt -2."
+    )
+    return _finish(
+        "backup_head",
+        "2-layer attention-only: a primary head answers; a later backup head answers only when the primary's output is missing.",
+        config,
+        model,
+        pairs,
+        true_edges,
+        notes,
+    )
+
+
+# --------------------------------------------------------------------------------------
 # Registry, loading, export
 # --------------------------------------------------------------------------------------
 
@@ -716,13 +867,19 @@ PLANTED: dict[str, Callable[[], PlantedCircuit]] = {
     "layernorm_mlp": layernorm_mlp,
 }
 
+# Mechanisms whose true edges matter together but not one by one (see section 7).
+REDUNDANT: dict[str, Callable[[], PlantedCircuit]] = {
+    "or_gate": or_gate,
+    "backup_head": backup_head,
+}
+
 
 def build(name: str) -> PlantedCircuit:
-    """Build the planted model `name` (see ``PLANTED``)."""
+    """Build the planted model `name` (see ``PLANTED`` and ``REDUNDANT``)."""
     try:
-        factory = PLANTED[name]
+        factory = {**PLANTED, **REDUNDANT}[name]
     except KeyError:
-        raise KeyError(f"unknown planted model '{name}'; known: {', '.join(sorted(PLANTED))}") from None
+        raise KeyError(f"unknown planted model '{name}'; known: {', '.join(sorted({**PLANTED, **REDUNDANT}))}") from None
     return factory()
 
 

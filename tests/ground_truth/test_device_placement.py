@@ -48,6 +48,13 @@ METHODS = {
     "acdc_layerwise": ("acdc", settings.AcdcSettings(evaluator="layerwise")),
     "path_patching": ("path_patching", settings.PathPatchingSettings()),
     "cdt": ("cdt", settings.CdtSettings(decompose_qk=True)),
+    "edge_pruning": ("edge_pruning", settings.EdgePruningSettings(edges=5, steps=3, sparsity_warmup_steps=2, lr_warmup_steps=1)),
+    "edge_pruning_init_from": (
+        "edge_pruning", settings.EdgePruningSettings(edges=5, steps=2, sparsity_warmup_steps=1, init_from="eap", cache_mib=0)
+    ),
+    "subnetwork_probing": ("subnetwork_probing", settings.SubnetworkProbingSettings(steps=3)),
+    "ifr": ("ifr", settings.IfrSettings()),
+    "ensemble": ("ensemble", settings.EnsembleSettings(members=["eap", {"name": "eap_ig", "steps": 2}, "path_patching"])),
 }
 
 

@@ -122,7 +122,7 @@ class NodeComputer:
     def logits(self, final: torch.Tensor) -> torch.Tensor:
         """Logits from the final residual stream at the answer positions: [..., d] -> [..., vocab].
 
-        The same operations as `ModelAdapter._unembed_at` (ln_final, then TransformerLens's
+        The same operations as `ModelAdapter.unembed_at` (ln_final, then TransformerLens's
         ``F.linear(x, W_U.T.contiguous(), b_U)``), with the transposed copy of W_U made once:
         TransformerLens makes it on every call, which for a 50k vocabulary costs more than
         the rest of a trial."""
