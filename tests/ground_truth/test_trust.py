@@ -159,6 +159,19 @@ def test_every_true_edge_is_in_every_resampled_circuit(name, method, overrides, 
 
 
 @pytest.mark.slow
+def test_edge_pruning_keeps_the_planted_or_gate_on_every_resample_and_seed(tmp_path):
+    """A stochastic method: every resample runs with every seed, and the planted OR gate (two
+    heads, each enough alone: single-edge scores are 0) is the circuit every time."""
+    config = load_config(ROOT / "configs" / "planted-or-gate-edge-pruning.yaml",
+                         ["model.device=cpu", "method.steps=300", "method.sparsity_warmup_steps=150"])
+    record = stability(config, ROOT / "configs", tmp_path, n_resamples=2, n_seeds=2).record
+    assert record["n_runs"] == 4 and {r["seed"] for r in record["runs"]} == {0, 1}
+    truth = true_edges("planted-or-gate")
+    assert set(record["core"]) == truth and all(record["edges"][e]["frequency"] == 1.0 for e in truth)
+    assert max(u["frequency"] for e, u in record["edges"].items() if e not in truth) == 0.0
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["eap", "eap_ig"])
 def test_the_bootstrap_from_contributions_equals_rerunning_the_method(method, tmp_path):
     """On the toy IOI model, where resampled circuits do differ (Jaccard about 0.8): the same
