@@ -12,14 +12,14 @@ import torch
 MIB_PERCENTAGES = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100)
 
 
-GAP_EPSILON = 1e-12  # |m(M) - m(empty)| below this: the ablation changes nothing, f is undefined
+GAP_EPSILON = 1e-6  # |m(M) - m(empty)| below this x max(1, |m(M)|, |m(empty)|) is float32 noise: f is undefined
 
 
 def normalized_faithfulness(m_circuit: float, m_full: float, m_empty: float) -> float | None:
     """f(C) = (m(C) - m(empty)) / (m(M) - m(empty)); None (undefined) when the ablation changes
-    nothing (see `undefined_reason`): never 0 or NaN, which would read as a result."""
+    nothing beyond float32 noise (see `undefined_reason`): never 0 or NaN, which would read as a result."""
     gap = m_full - m_empty
-    if not math.isfinite(gap) or abs(gap) < GAP_EPSILON:
+    if not math.isfinite(gap) or abs(gap) < GAP_EPSILON * max(1.0, abs(m_full), abs(m_empty)):
         return None
     return (m_circuit - m_empty) / gap
 

@@ -45,6 +45,16 @@ def without_changes(record: dict) -> str:
 
 
 @pytest.mark.slow
+def rounded(record: dict) -> dict:
+    """Every edge score to 6 significant digits. The redesign wrote the demo's files byte for byte
+    as version 1 did (tested at commit b17bfb9); computing the normalisation's input gradient by
+    formula instead of autograd (EAP's speed-up) later moved the scores' last bits (relative
+    change below 1e-5), so scores are compared to that precision, everything else exactly."""
+    for item in record["edges"].values():
+        item["score"] = float(f"{item['score']:.6g}")
+    return record
+
+
 def test_the_demo_writes_the_files_it_wrote_before(tmp_path):
     assert cli(["discover", "demo", f"output.dir={tmp_path / 'demo'}"]) == 0
     new, old = tmp_path / "demo", GOLDEN / "demo"
@@ -52,14 +62,14 @@ def test_the_demo_writes_the_files_it_wrote_before(tmp_path):
     mib_old = json.loads((old / "circuit.mib.json").read_text())
     for item in mib_old["nodes"].values():
         assert item.pop("score") is None
-    assert (new / "circuit.mib.json").read_text() == json.dumps(mib_old, indent=1) + "\n"
+    assert rounded(json.loads((new / "circuit.mib.json").read_text())) == rounded(mib_old)
     from circuitctl.explain.drawing import without_labels
 
     assert without_labels((new / "circuit.dot").read_text()) == (old / "circuit.dot").read_text()  # + explain's labels
     assert (new / "explanation.json").is_file()
     record = json.loads((new / "circuit.json").read_text())
     assert record["schema_version"] == 2 and record["space"] == {"kind": "edge"}
-    assert without_changes(record) == without_changes(json.loads((old / "circuit.json").read_text()))
+    assert without_changes(rounded(record)) == without_changes(rounded(json.loads((old / "circuit.json").read_text())))
 
 
 def golden_copy(name: str, root: Path) -> Path:

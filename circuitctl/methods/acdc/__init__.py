@@ -393,9 +393,11 @@ def discover(context: DiscoveryContext, settings: AcdcSettings) -> DiscoveryResu
 
 def metric_gap(engine: PatchingEngine) -> float:
     """|m(full) - m(every edge ablated)|: the effect a relative tau is a fraction of."""
+    from circuitctl.metrics.faithfulness import normalized_faithfulness
+
     m_full, m_empty = engine.full_and_empty()
     gap = abs(m_full - m_empty)
-    if gap < 1e-12:
+    if normalized_faithfulness(m_full, m_full, m_empty) is None:  # no gap beyond float32 noise
         raise UsageError(
             f"method.tau_mode: relative needs a clean-ablated gap, but the metric is {m_full:.6g} with and without "
             "the edges (the task shows no effect); use tau_mode: absolute"
