@@ -13,32 +13,9 @@ warnings.filterwarnings("ignore", message=".*HookedTransformer is deprecated.*")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from testkit import DEVICE, random_model, random_tokens  # noqa: E402,F401  (the fixtures below use them)
 
 torch.set_num_threads(2)
-
-# The device tier (tests/ground_truth, `-m device`) runs its models here:
-#   CIRCUITCTL_TEST_DEVICE=cuda python -m pytest -m device
-DEVICE = torch.device(os.environ.get("CIRCUITCTL_TEST_DEVICE", "cpu"))
-
-
-def random_model(seed: int = 0, **overrides):
-    """A tiny random HookedTransformer with LayerNorm and MLPs unless overridden."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    fields = dict(
-        n_layers=2, d_model=16, n_ctx=12, d_head=4, n_heads=3, d_vocab=13, act_fn="gelu",
-        normalization_type="LN", d_mlp=32, seed=seed,
-    )
-    fields.update(overrides)
-    model = HookedTransformer(HookedTransformerConfig(**fields))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(".w"):  # LayerNorm gains stay near one
-                param.copy_(1 + 0.1 * torch.randn(param.shape, generator=generator))
-            else:
-                param.copy_(0.4 * torch.randn(param.shape, generator=generator))
-    return model.to(DEVICE)
 
 
 @pytest.fixture
@@ -66,10 +43,6 @@ def ln_mlp_model():
 @pytest.fixture
 def attn_only_model():
     return random_model(1, attn_only=True, normalization_type=None, n_layers=3)
-
-
-def random_tokens(n: int, length: int, vocab: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
 
 
 TIERS = ("unit", "ground_truth", "cli", "browser")  # tests/<tier>/: marked with the tier's name

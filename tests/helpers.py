@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from conftest import DEVICE
+from testkit import DEVICE
 
 from circuitctl.config.schema import AblationConfig
 from circuitctl.methods.base import DiscoveryContext

@@ -74,7 +74,7 @@ needs_resume = pytest.mark.skipif(not _discover_has_resume(), reason="`circuitct
 def acdc_world(tmp_path_factory) -> Path:
     """A random 2-layer model with MLPs and LayerNorm (110 edges) and 8 random pairs: ACDC
     on it takes a few seconds on a CPU."""
-    from conftest import random_model, random_tokens
+    from testkit import random_model, random_tokens
     from safetensors.torch import save_file
 
     root = tmp_path_factory.mktemp("interrupt")

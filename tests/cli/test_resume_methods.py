@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import random_model, random_tokens
+from testkit import random_model, random_tokens
 
 from circuitctl.checkpoint import Checkpoint
 from circuitctl.config.methods import CdtSettings, EapIgSettings, ExactSettings, PathPatchingSettings

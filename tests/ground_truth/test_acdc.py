@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import random_model, random_tokens
+from testkit import random_model, random_tokens
 from helpers import planted_context
 
 from circuitctl.checkpoint import Checkpoint

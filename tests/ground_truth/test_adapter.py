@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import random_model, random_tokens
+from testkit import random_model, random_tokens
 
 from circuitctl.models.adapter import ModelAdapter
 

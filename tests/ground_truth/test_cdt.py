@@ -6,7 +6,7 @@ import functools
 
 import pytest
 import torch
-from conftest import random_model, random_tokens
+from testkit import random_model, random_tokens
 from helpers import edge_auc, planted_context
 
 from circuitctl.config.methods import CdtSettings, ExactSettings

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_model, random_tokens
+from testkit import random_model, random_tokens
 from helpers import edge_auc, planted_context
 
 from circuitctl.config.methods import METHODS, EapIgSettings, EapSettings, ExactSettings

@@ -12,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from conftest import random_model, random_tokens
+from testkit import random_model, random_tokens
 
 from circuitctl.config.methods import EapIgSettings, EapSettings, ExactSettings
 from circuitctl.config.schema import AblationConfig

@@ -17,7 +17,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import random_model, random_tokens
+from testkit import random_model, random_tokens
 from helpers import edge_auc, planted_context
 
 from circuitctl.checkpoint import Checkpoint

@@ -38,7 +38,7 @@ LOGIT_DIFF = METRICS.get("logit_diff")
 
 def planted(name: str):
     """(PlantedCircuit, ModelAdapter) on the device tier's device: the one place this file builds models."""
-    from conftest import DEVICE
+    from testkit import DEVICE
 
     module = planted_module()
     pc = module.build(name)

@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE, random_model, random_tokens
+from testkit import DEVICE, random_model, random_tokens
 
 from circuitctl.config.methods import PathPatchingSettings
 from circuitctl.config.schema import AblationConfig

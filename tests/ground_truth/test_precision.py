@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import random_model, random_tokens
+from testkit import random_model, random_tokens
 from helpers import edge_auc, planted_context
 
 from circuitctl.batching import BatchSizer, ResourceNote, collect_notes

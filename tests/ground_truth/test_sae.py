@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import random_model
+from testkit import random_model
 
 from circuitctl.errors import UsageError
 from circuitctl.sae.sae import SaeInfo, SparseAutoencoder, load_sae

@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from conftest import random_model, random_tokens
+from testkit import random_model, random_tokens
 
 from circuitctl.config.methods import SfcSettings
 from circuitctl.config.schema import AblationConfig

@@ -184,7 +184,7 @@ def test_groups_by_role_target_and_sign():
 # -- composition -------------------------------------------------------------------------------
 def test_composition_scores_equal_transformer_lens():
     from circuitctl.explain.composition import CompositionScores, percentile
-    from conftest import random_model
+    from testkit import random_model
 
     model = random_model(3, n_layers=3)
     scorer = CompositionScores(model)
@@ -204,7 +204,7 @@ def test_composition_scores_equal_transformer_lens():
 def test_dla_of_every_component_sums_to_the_logit_difference(normalization):
     from circuitctl.explain import dla
     from circuitctl.explain.capture import capture_task
-    from conftest import random_model, random_tokens
+    from testkit import random_model, random_tokens
 
     model = random_model(1, normalization_type=normalization)
     tokens = random_tokens(6, 8, model.cfg.d_vocab, seed=2)

@@ -1,0 +1,38 @@
+"""What tests share beyond fixtures: the device tier's device, tiny random models, random tokens.
+
+(Imported as `testkit`, never as `conftest`: several directories have a conftest.py.)
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# The device tier (tests/ground_truth, `-m device`) runs its models here:
+#   CIRCUITCTL_TEST_DEVICE=cuda python -m pytest -m device
+DEVICE = torch.device(os.environ.get("CIRCUITCTL_TEST_DEVICE", "cpu"))
+
+
+def random_model(seed: int = 0, **overrides):
+    """A tiny random HookedTransformer with LayerNorm and MLPs unless overridden."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    fields = dict(
+        n_layers=2, d_model=16, n_ctx=12, d_head=4, n_heads=3, d_vocab=13, act_fn="gelu",
+        normalization_type="LN", d_mlp=32, seed=seed,
+    )
+    fields.update(overrides)
+    model = HookedTransformer(HookedTransformerConfig(**fields))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".w"):  # LayerNorm gains stay near one
+                param.copy_(1 + 0.1 * torch.randn(param.shape, generator=generator))
+            else:
+                param.copy_(0.4 * torch.randn(param.shape, generator=generator))
+    return model.to(DEVICE)
+
+
+def random_tokens(n: int, length: int, vocab: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
