@@ -313,7 +313,8 @@ def random_world(tmp_path):
     clean, corrupt = random_tokens(10, 8, 13, 1).tolist(), random_tokens(10, 8, 13, 2).tolist()
     with open(tmp_path / "pairs.jsonl", "w") as handle:
         for c, k in zip(clean, corrupt):
-            handle.write(json.dumps({"clean": c, "corrupt": k, "answers": [c[0]], "wrong_answers": [k[0]]}) + "\n")
+            wrong = k[0] if k[0] != c[0] else (c[0] + 1) % 13  # an answer may not also be a wrong answer
+            handle.write(json.dumps({"clean": c, "corrupt": k, "answers": [c[0]], "wrong_answers": [wrong]}) + "\n")
     return _world(tmp_path, tmp_path / "model", tmp_path / "pairs.jsonl", "kl")
 
 
