@@ -204,11 +204,14 @@ class IncrementalSearch:
         key = (v, where)
         if key not in b.inputs:
             p = self.graph.prefix_len[v]
-            removed = self.removed[:p, v].nonzero().flatten()
-            changed = (b.differs[:p] & ~self.removed[:p, v]).nonzero().flatten()
+            removed = self.removed[:p, v]
+            changed = (b.differs[:p] & ~removed).nonzero().flatten()
             x = b.at(self._clean_input(b, v), where)
-            if len(removed):
-                x = x - b.table("clean_minus_ablation", removed, where).sum(0)
+            if bool(removed.any()):
+                # a sum over the removed senders as one product with their indicator: no copy of their rows
+                table = b.table("clean_minus_ablation", slice(0, p), where)
+                weights = removed.to(device=table.device, dtype=table.dtype)
+                x = x - (weights @ table.reshape(p, -1)).view(x.shape)
             if len(changed):
                 x = x - (b.table("clean", changed, where) - b.table("current", changed, where)).sum(0)
             b.inputs[key] = x

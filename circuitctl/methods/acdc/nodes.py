@@ -116,8 +116,29 @@ class NodeComputer:
         """MLP output from its (un-normalised) input: [..., P', d] -> [..., P', d]."""
         block = self.model.blocks[layer]
         lead = x.shape[:-2]
-        flat = x.reshape(-1, x.shape[-2], x.shape[-1])
-        return block.mlp(self._normalize(block.ln2, flat)).reshape(*lead, x.shape[-2], -1)
+        act = self._fused_activation(block.mlp)
+        if act is None:
+            flat = x.reshape(-1, x.shape[-2], x.shape[-1])
+            return block.mlp(self._normalize(block.ln2, flat)).reshape(*lead, x.shape[-2], -1)
+        mlp = block.mlp  # TransformerLens's MLP.forward, with its activation as one kernel
+        h = self._normalize(block.ln2, x.reshape(-1, x.shape[-1]))
+        out = torch.addmm(mlp.b_out, act(torch.addmm(mlp.b_in, h, mlp.W_in)), mlp.W_out)
+        return out.reshape(*lead, x.shape[-2], -1)
+
+    @staticmethod
+    def _fused_activation(mlp):
+        """The activation of a plain (ungated) TransformerLens MLP as one kernel, or None for
+        other MLPs. GPT-2's gelu_new is written as five elementwise passes in TransformerLens;
+        it is the tanh approximation of GELU, which PyTorch computes in one (same values up to
+        float rounding)."""
+        from transformer_lens.components import MLP
+        from transformer_lens.utilities import activation_functions as acts
+
+        if type(mlp) is not MLP or mlp.cfg.is_layer_norm_activation():
+            return None
+        if mlp.act_fn in (acts.gelu_new, acts.gelu_fast):
+            return lambda pre: F.gelu(pre, approximate="tanh")
+        return mlp.act_fn
 
     @property
     def unembedding(self):
