@@ -160,10 +160,14 @@ def test_fast_equals_sequential_on_planted_models(name):
         ("kl", "resample", {}),
         ("logit_diff", "zero", {}),
         ("kl", "mean", {"attn_only": True, "normalization_type": None, "n_layers": 3}),
+        ("prob_diff", "resample", {"normalization_type": "RMS"}),
     ],
-    ids=["kl-resample", "logitdiff-zero", "attnonly-mean"],
+    ids=["kl-resample", "logitdiff-zero", "attnonly-mean", "probdiff-rms"],
 )
-def test_fast_equals_sequential_on_a_random_model(metric, ablation, model):
+def test_fast_equals_sequential_on_a_random_model(metric, ablation, model, monkeypatch):
+    from circuitctl.metrics import readout
+
+    monkeypatch.setattr(readout, "CPU_CHUNK", 5)  # the metric from vocabulary blocks (13 ids: 5, 5, 3)
     context = random_context(0, metric, ablation, **model)
     engine = context.engine(8, keep_cache=True)
     _, changes = sequential_acdc(engine, 1e-9, context.metric.importance_sign)  # every edge tested once
@@ -313,7 +317,8 @@ def random_world(tmp_path):
     clean, corrupt = random_tokens(10, 8, 13, 1).tolist(), random_tokens(10, 8, 13, 2).tolist()
     with open(tmp_path / "pairs.jsonl", "w") as handle:
         for c, k in zip(clean, corrupt):
-            handle.write(json.dumps({"clean": c, "corrupt": k, "answers": [c[0]], "wrong_answers": [k[0]]}) + "\n")
+            wrong = k[0] if k[0] != c[0] else (c[0] + 1) % 13  # an answer may not also be a wrong answer
+            handle.write(json.dumps({"clean": c, "corrupt": k, "answers": [c[0]], "wrong_answers": [wrong]}) + "\n")
     return _world(tmp_path, tmp_path / "model", tmp_path / "pairs.jsonl", "kl")
 
 

@@ -46,6 +46,8 @@ METHODS = {
     "eap_ig_per_token": ("eap_ig", settings.EapIgSettings(steps=2, positions="per_token")),
     "acdc_incremental": ("acdc", settings.AcdcSettings(evaluator="incremental")),
     "acdc_layerwise": ("acdc", settings.AcdcSettings(evaluator="layerwise")),
+    "acdc_incremental_kl": ("acdc", settings.AcdcSettings(evaluator="incremental")),
+    "acdc_incremental_prob_diff": ("acdc", settings.AcdcSettings(evaluator="incremental")),
     "path_patching": ("path_patching", settings.PathPatchingSettings()),
     "cdt": ("cdt", settings.CdtSettings(decompose_qk=True)),
     "edge_pruning": ("edge_pruning", settings.EdgePruningSettings(edges=5, steps=3, sparsity_warmup_steps=2, lr_warmup_steps=1)),
@@ -56,13 +58,14 @@ METHODS = {
     "ifr": ("ifr", settings.IfrSettings()),
     "ensemble": ("ensemble", settings.EnsembleSettings(members=["eap", {"name": "eap_ig", "steps": 2}, "path_patching"])),
 }
+METRIC = {"acdc_incremental_kl": "kl", "acdc_incremental_prob_diff": "prob_diff"}  # the others: logit_diff
 
 
 @pytest.mark.parametrize("case", sorted(METHODS))
 def test_every_method_places_its_tensors(case):
     from circuitctl.methods.base import run_method
 
-    _, context = planted_context("layernorm_mlp", n_pairs=6)
+    _, context = planted_context("layernorm_mlp", metric=METRIC.get(case, "logit_diff"), n_pairs=6)
     name, method_settings = METHODS[case]
     method_settings = method_settings.model_copy(update={"batch_size": 3})
     with tensors_without_a_device_are_meta():

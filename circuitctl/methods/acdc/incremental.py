@@ -26,6 +26,7 @@ from circuitctl import distributed
 from circuitctl.graph import naming
 from circuitctl.graph.graph import Graph
 from circuitctl.methods.acdc.nodes import NodeComputer
+from circuitctl.metrics.readout import MetricReadout
 from circuitctl.patching.engine import BatchState, PatchingEngine, check_finite
 
 DEAD, ANSWER, EVERY = 0, 1, 2  # where a node's output is needed: nowhere, answer positions, every position
@@ -78,8 +79,9 @@ class _Batch:
     ``_ans``), since most nodes late in the search are read there only.
     """
 
-    def __init__(self, state: BatchState, graph: Graph) -> None:
+    def __init__(self, state: BatchState, graph: Graph, readout: MetricReadout) -> None:
         self.state = state
+        self.readout = readout  # final residuals [K, B, d] -> metric [K, B], only the logits it needs
         clean = state.clean
         self.ans = state.batch.answer_positions
         self.rows = torch.arange(self.ans.shape[0], device=self.ans.device)
@@ -92,7 +94,6 @@ class _Batch:
         self.differs = torch.zeros(graph.n_upstream, dtype=torch.bool, device="cpu")  # current output != clean output
         self.inputs: dict[tuple[int, int], torch.Tensor] = {}  # (v, where) -> current input of v
         self.projections: dict[tuple[int, str, int], torch.Tensor] = {}  # (node, channel, where) -> q/k/v
-        self.repeated: dict[int, tuple] = {}  # K -> (batch, reference logits) repeated K times
 
     def at(self, x: torch.Tensor, where: int) -> torch.Tensor:
         """x [..., B, P, d] at the positions `where` needs: all, or [..., B, 1, d] at the answers."""
@@ -135,7 +136,10 @@ class IncrementalSearch:
             self.inputs_of.setdefault(node, []).append(v)
         self.layer_of = g.upstream_layer
         self.head_of = {g.head_out_start[l] + h: h for l in range(L) for h in range(H)}
-        self.batches = [_Batch(state, g) for state in engine.local_states()]  # this rank's share under torchrun
+        unembedding = computer.unembedding
+        self.batches = [  # this rank's share under torchrun
+            _Batch(state, g, MetricReadout(unembedding, engine.metric, state.batch, state.clean.logits)) for state in engine.local_states()
+        ]
         self._value: float | None = None
         self._need: tuple[torch.Tensor, torch.Tensor] | None = None
         if self.removed.any():
@@ -149,8 +153,8 @@ class IncrementalSearch:
             else:
                 total = torch.zeros((), dtype=torch.float64, device="cpu")
                 for b in self.batches:
-                    logits = self.computer.logits(self._input(b, self.graph.logits_index, ANSWER)[:, 0])
-                    total += self.engine.metric_of_logits(logits, b.state).double().sum().cpu()
+                    final = self._input(b, self.graph.logits_index, ANSWER)[:, 0]
+                    total += b.readout(final[None]).double().sum().cpu()
                 self._value = float(distributed.all_reduce_sum(total)) / self.engine.data.n
         return self._value
 
@@ -200,11 +204,14 @@ class IncrementalSearch:
         key = (v, where)
         if key not in b.inputs:
             p = self.graph.prefix_len[v]
-            removed = self.removed[:p, v].nonzero().flatten()
-            changed = (b.differs[:p] & ~self.removed[:p, v]).nonzero().flatten()
+            removed = self.removed[:p, v]
+            changed = (b.differs[:p] & ~removed).nonzero().flatten()
             x = b.at(self._clean_input(b, v), where)
-            if len(removed):
-                x = x - b.table("clean_minus_ablation", removed, where).sum(0)
+            if bool(removed.any()):
+                # a sum over the removed senders as one product with their indicator: no copy of their rows
+                table = b.table("clean_minus_ablation", slice(0, p), where)
+                weights = removed.to(device=table.device, dtype=table.dtype)
+                x = x - (weights @ table.reshape(p, -1)).view(x.shape)
             if len(changed):
                 x = x - (b.table("clean", changed, where) - b.table("current", changed, where)).sum(0)
             b.inputs[key] = x
@@ -302,12 +309,7 @@ class IncrementalSearch:
             final, _ = self._trial(b, v, sources, ablate, need)
             # the final residual, not the logits: 60x smaller for GPT-2, and NaN reaches both
             check_finite(final, "a patched run")
-            if K not in b.repeated:  # the K trials' metric in one call, against repeated references
-                b.repeated[K] = (b.state.batch.repeat(K), b.state.clean.logits.repeat(K, 1))
-            batch, reference = b.repeated[K]
-            logits = self.computer.logits(final).flatten(0, 1)
-            values = self.engine.metric(logits, batch, reference).view(K, -1)
-            totals += values.double().sum(1).cpu()
+            totals += b.readout(final).double().sum(1).cpu()
         return distributed.all_reduce_sum(totals) / self.engine.data.n
 
     def commit(self, v: int, sources: list[int]) -> None:

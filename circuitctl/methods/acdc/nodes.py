@@ -48,7 +48,7 @@ class NodeComputer:
         # rotary queries are rotated by their own position; computing them at every position
         # keeps that in TransformerLens's hands (apply_rotary), so heads then need all positions
         self.heads_need_all_positions = self.cfg.positional_embedding_type == "rotary"
-        self._unembed_weight: tuple[torch.Tensor, torch.Tensor] | None = None  # (W_U, its contiguous transpose)
+        self._unembedding = None  # `circuitctl.metrics.readout.Unembedding`, made on first use
 
     @staticmethod
     def _normalize(module, x: torch.Tensor) -> torch.Tensor:
@@ -116,21 +116,45 @@ class NodeComputer:
         """MLP output from its (un-normalised) input: [..., P', d] -> [..., P', d]."""
         block = self.model.blocks[layer]
         lead = x.shape[:-2]
-        flat = x.reshape(-1, x.shape[-2], x.shape[-1])
-        return block.mlp(self._normalize(block.ln2, flat)).reshape(*lead, x.shape[-2], -1)
+        act = self._fused_activation(block.mlp)
+        if act is None:
+            flat = x.reshape(-1, x.shape[-2], x.shape[-1])
+            return block.mlp(self._normalize(block.ln2, flat)).reshape(*lead, x.shape[-2], -1)
+        mlp = block.mlp  # TransformerLens's MLP.forward, with its activation as one kernel
+        h = self._normalize(block.ln2, x.reshape(-1, x.shape[-1]))
+        out = torch.addmm(mlp.b_out, act(torch.addmm(mlp.b_in, h, mlp.W_in)), mlp.W_out)
+        return out.reshape(*lead, x.shape[-2], -1)
+
+    @staticmethod
+    def _fused_activation(mlp):
+        """The activation of a plain (ungated) TransformerLens MLP as one kernel, or None for
+        other MLPs. GPT-2's gelu_new is written as five elementwise passes in TransformerLens;
+        it is the tanh approximation of GELU, which PyTorch computes in one (same values up to
+        float rounding)."""
+        from transformer_lens.components import MLP
+        from transformer_lens.utilities import activation_functions as acts
+
+        if type(mlp) is not MLP or mlp.cfg.is_layer_norm_activation():
+            return None
+        if mlp.act_fn in (acts.gelu_new, acts.gelu_fast):
+            return lambda pre: F.gelu(pre, approximate="tanh")
+        return mlp.act_fn
+
+    @property
+    def unembedding(self):
+        """ln_final and the unembedding (`circuitctl.metrics.readout.Unembedding`), with W_U's
+        transpose copied once: TransformerLens copies it on every call, which for a 50k
+        vocabulary costs more than the rest of a trial."""
+        from circuitctl.metrics.readout import Unembedding
+
+        if self._unembedding is None or self._unembedding.source is not self.model.unembed.W_U:
+            self._unembedding = Unembedding(self.model)
+        return self._unembedding
 
     def logits(self, final: torch.Tensor) -> torch.Tensor:
         """Logits from the final residual stream at the answer positions: [..., d] -> [..., vocab].
 
         The same operations as `ModelAdapter.unembed_at` (ln_final, then TransformerLens's
-        ``F.linear(x, W_U.T.contiguous(), b_U)``), with the transposed copy of W_U made once:
-        TransformerLens makes it on every call, which for a 50k vocabulary costs more than
-        the rest of a trial."""
-        unembed = self.model.unembed
-        if self._unembed_weight is None or self._unembed_weight[0] is not unembed.W_U:
-            self._unembed_weight = (unembed.W_U, unembed.W_U.T.contiguous())
-        lead = final.shape[:-1]
-        x = final.reshape(-1, 1, final.shape[-1])
-        if hasattr(self.model, "ln_final"):  # models without normalization have none
-            x = self.model.ln_final(x)
-        return F.linear(x, self._unembed_weight[1], unembed.b_U)[:, 0].reshape(*lead, -1)
+        ``F.linear(x, W_U.T.contiguous(), b_U)``)."""
+        unembedding = self.unembedding
+        return unembedding.logits(unembedding.normalize(final)).reshape(*final.shape[:-1], -1)
