@@ -237,6 +237,7 @@ def finish(run_dir: Path, config: RunConfig, session, result, timings: dict[str,
     commit_staged()  # the results are whole: put them in place before the steps that read them
     explained, explain_notes = explain_step(run_dir, config, session, timings)  # after sweep.json: a sweep's circuits read it
     files, notes = files + explained, notes + explain_notes
+    commit_staged()  # the page embeds the explanation: it reads explanation.json back
     rule_note = ignored_rule_note(config.selection, method) if any(p.membership is not None for p in points) else None
     from circuitctl.metrics.faithfulness import normalized_faithfulness, undefined_reason
 

@@ -15,7 +15,13 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from testkit import DEVICE, random_model, random_tokens  # noqa: E402,F401  (the fixtures below use them)
 
-torch.set_num_threads(2)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one thread per pytest-xdist worker (and for the subprocesses its tests start): two workers
+    # on two cores, no oversubscription
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(2)
 
 
 @pytest.fixture

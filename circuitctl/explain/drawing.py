@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from circuitctl.explain.load import LoadedRun
+from circuitctl.io.escape import dot_string
 
 BEGIN = "  // circuitctl explain: node labels"
 END = "  // end of circuitctl explain labels"
@@ -22,9 +23,7 @@ POSITIVE, NEGATIVE = "#2c5d8f", "#c0392b"
 FILL = {"head": "#cfe2f3", "mlp": "#fde9c9", "io": "#dddddd", "group": "#d9ead3"}
 
 
-def quote(text: str) -> str:
-    """A Graphviz double-quoted string holding `text` literally."""
-    return '"' + str(text).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ") + '"'
+quote = dot_string  # a Graphviz double-quoted string holding `text` literally (entities, control characters)
 
 
 def label(lines: list[str]) -> str:

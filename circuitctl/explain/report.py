@@ -22,10 +22,10 @@ explanation.json (schema_version 1):
 
 from __future__ import annotations
 
-import html
 from pathlib import Path
 
 from circuitctl.explain.load import LoadedRun
+from circuitctl.io.escape import html_text
 from circuitctl.io.files import write_atomic, write_json
 
 SCHEMA_VERSION = 1
@@ -51,9 +51,11 @@ def full_record(run: LoadedRun, explanation: dict) -> dict:
 
 
 def md(text) -> str:
-    """Text safe inside a markdown table cell: HTML-escaped, markdown punctuation escaped."""
-    out = html.escape(str(text), quote=False).replace("\n", " ")
-    for char in "\\`*_[]|#":
+    """Text safe inside a markdown table cell, still readable as plain text: HTML-escaped, the
+    punctuation that would start markup escaped, control characters shown as escapes. Never
+    put it in a code span, where the escapes would show."""
+    out = html_text(text)
+    for char in "\\`*_[]|#~":
         out = out.replace(char, "\\" + char)
     return out
 
@@ -84,7 +86,7 @@ def to_markdown(record: dict) -> str:
     lines = [
         f"# Explanation of {md(run['dir'])}",
         "",
-        f"Task `{md(task)}`, method `{md(method)}`, {md(run['kind'])} circuit. Written by `circuitctl explain`: "
+        f"Task {md(task)}, method {md(method)}, {md(run['kind'])} circuit. Written by `circuitctl explain`: "
         "roles from synthetic probes and the weights, attention and direct logit attribution (DLA, answer minus "
         "wrong answer at the answer position) from the task's clean and corrupt prompts.",
         "",

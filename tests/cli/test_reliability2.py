@@ -547,7 +547,7 @@ def test_hostile_position_label_is_refused_at_validation(world, tmp_path, label,
 
 def check_output_files(directory: Path) -> list[str]:
     """Parse every file a run wrote: JSON strictly, DOT with Graphviz, SVG as XML with no script,
-    HTML with the names only inside its escaped JSON data."""
+    HTML with the names only inside its escaped JSON data, markdown with no raw markup."""
     checked = []
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
         text = path.read_bytes().decode("utf-8") if path.suffix != ".png" else ""
@@ -568,6 +568,8 @@ def check_output_files(directory: Path) -> list[str]:
             assert "<script>alert(1)" not in text and "</title><script>" not in text, path
             for data in re.findall(r'<script type="application/json"[^>]*>(.*?)</script>', text, re.S):
                 json.loads(data)
+        elif path.suffix == ".md":  # explain's report: names as inert markdown text
+            assert "<script>" not in text and "<b>" not in text and "\x1b" not in text, path
         elif path.suffix not in (".png",):
             pytest.fail(f"unexpected output file {path}")
         checked.append(path.name)

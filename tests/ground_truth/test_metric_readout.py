@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_model
+from testkit import random_model
 
 from circuitctl.interventions.measure import TOP1_MARGIN
 from circuitctl.metrics.metrics import METRICS

@@ -40,7 +40,6 @@ def model(tokenizer):
     from safetensors.torch import load_file
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    torch.set_num_threads(2)
     cfg = HookedTransformerConfig(**json.loads((MODEL_DIR / "config.json").read_text()))
     model = HookedTransformer(cfg, tokenizer=tokenizer)
     model.load_state_dict(load_file(str(MODEL_DIR / "model.safetensors")))
