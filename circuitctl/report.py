@@ -148,7 +148,7 @@ def report_provenance(config) -> dict:
     from datetime import datetime, timezone
 
     from circuitctl.config.load import config_hash
-    from circuitctl.circuits.record import library_versions
+    from circuitctl.versions import library_versions
 
     return {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

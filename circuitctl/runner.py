@@ -394,7 +394,7 @@ def check_scores(scores, space, method: str) -> None:
 
 def run_provenance(config: RunConfig, session, timings: dict[str, float], results: dict) -> dict:
     """What every circuit file records: model, task, method, config and its hash, versions, seed, timings, results."""
-    from circuitctl.circuits.record import library_versions
+    from circuitctl.versions import library_versions
 
     adapter = session.adapter
     model_info = {"name": config.model.name, "path": config.model.path, **adapter.describe()}

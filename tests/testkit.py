@@ -36,3 +36,14 @@ def random_model(seed: int = 0, **overrides):
 
 def random_tokens(n: int, length: int, vocab: int, seed: int) -> torch.Tensor:
     return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def cli_exit_code(args: list[str]) -> int:
+    """Run `circuitctl ARGS` in this process and return its exit code."""
+    from circuitctl.cli.app import main
+
+    try:
+        main(args)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from circuitctl import distributed
-from circuitctl.circuits.space import entry
+from circuitctl.circuits.space import OwnMask, entry
 from circuitctl.errors import UsageError
 from circuitctl.graph import naming
 from circuitctl.graph.naming import Site
@@ -62,7 +62,7 @@ def mean_states(runner, saes: dict, data, batch_size: int, per_position: bool) -
     }
 
 
-class FeatureSpace:
+class FeatureSpace(OwnMask):
     kind = "feature"
     unit = "features"
     needs_node_ablation = False
@@ -118,14 +118,6 @@ class FeatureSpace:
         )
 
     # -- units ------------------------------------------------------------------------------
-    @property
-    def mask(self) -> torch.Tensor:
-        return self._mask
-
-    @property
-    def n_total(self) -> int:
-        return int(self._mask.numel())
-
     def info(self) -> dict:
         return {
             "kind": self.kind,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from circuitctl import distributed
-from circuitctl.circuits.space import entry, mib_curve_sizes
+from circuitctl.circuits.space import OwnMask, entry, mib_curve_sizes
 from circuitctl.errors import UsageError
 from circuitctl.graph import naming
 from circuitctl.graph.graph import Graph
@@ -19,7 +19,7 @@ from circuitctl.patching.engine import BatchState, PatchingEngine
 ABLATION_KEY = "neuron_ablation"  # BatchState.extras: [L, B or 1, P, d_mlp]
 
 
-class NeuronSpace:
+class NeuronSpace(OwnMask):
     kind = "neuron"
     unit = "neurons"
     needs_node_ablation = False
@@ -37,14 +37,6 @@ class NeuronSpace:
         if info.get("d_mlp") not in (None, adapter.cfg.d_mlp):
             raise UsageError(f"the circuit's MLPs have {info['d_mlp']} neurons, this model's {adapter.cfg.d_mlp}")
         return cls(adapter.graph, adapter.cfg.d_mlp)
-
-    @property
-    def mask(self) -> torch.Tensor:
-        return self._mask
-
-    @property
-    def n_total(self) -> int:
-        return int(self._mask.numel())
 
     def info(self) -> dict:
         return {"kind": self.kind, "d_mlp": self.d_mlp}

@@ -9,14 +9,14 @@ from __future__ import annotations
 import torch
 
 from circuitctl.circuits.edges import EdgePatcher
-from circuitctl.circuits.space import entry, mib_curve_sizes
+from circuitctl.circuits.space import OwnMask, entry, mib_curve_sizes
 from circuitctl.errors import UsageError
 from circuitctl.graph import naming
 from circuitctl.graph.graph import Graph
 from circuitctl.patching.engine import BatchState, PatchingEngine
 
 
-class NodeSpace:
+class NodeSpace(OwnMask):
     kind = "node"
     unit = "nodes"
     needs_node_ablation = True
@@ -29,14 +29,6 @@ class NodeSpace:
     @classmethod
     def from_info(cls, info: dict, adapter, data) -> "NodeSpace":
         return cls(adapter.graph)
-
-    @property
-    def mask(self) -> torch.Tensor:
-        return self._mask
-
-    @property
-    def n_total(self) -> int:
-        return self.graph.n_upstream
 
     def info(self) -> dict:
         return {"kind": self.kind}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from circuitctl.circuits.space import entry, mib_curve_sizes
+from circuitctl.circuits.space import OwnMask, entry, mib_curve_sizes
 from circuitctl.errors import UsageError
 from circuitctl.graph import naming
 from circuitctl.graph.positional import PositionalGraph
@@ -115,7 +115,7 @@ class PositionalEdgeSpace:
         return PositionalPatcher(engine, self.pgraph)
 
 
-class PositionalNodeSpace:
+class PositionalNodeSpace(OwnMask):
     kind = "positional_node"
     unit = "nodes"
     needs_node_ablation = True
@@ -129,14 +129,6 @@ class PositionalNodeSpace:
     @classmethod
     def from_info(cls, info: dict, adapter, data) -> "PositionalNodeSpace":
         return cls(positional_graph_for(info, adapter, data))
-
-    @property
-    def mask(self) -> torch.Tensor:
-        return self._mask
-
-    @property
-    def n_total(self) -> int:
-        return int(self._mask.numel())
 
     def info(self) -> dict:
         return {"kind": self.kind, "positions": self.pgraph.to_dict()}

@@ -19,10 +19,8 @@ circuits) and MIB / EAP-IG files, and returns a version-2 record; nothing here i
 from __future__ import annotations
 
 import json
-import platform
 import re
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -127,16 +125,6 @@ class CircuitRecord(_Strict):
 # ----------------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------------
-def library_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for package in ("circuitctl", "torch", "transformer-lens", "pydantic", "numpy"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
-
-
 def circuit_record(provenance: dict[str, Any], graph: dict, space_info: dict, body: dict) -> dict[str, Any]:
     """The record as written: fields in the schema's order, checked against it."""
     record = {"schema_version": SCHEMA_VERSION, "format": FORMAT, **provenance, "graph": graph, "space": space_info, **body}

@@ -94,3 +94,18 @@ def mib_curve_sizes(n_total: int) -> tuple[list[int], list[float]]:
 def entry(score, in_graph) -> dict:
     """A node or unit entry of a circuit file: ``{"in_graph", "score"}`` (score None: not scored)."""
     return {"in_graph": bool(in_graph), "score": None if score is None else float(score)}
+
+
+class OwnMask:
+    """`mask` and `n_total` for a space whose units are a mask it owns (`self._mask`): nodes,
+    neurons, per-position nodes, SAE features. Edge spaces take theirs from their graph."""
+
+    _mask: torch.Tensor
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self._mask
+
+    @property
+    def n_total(self) -> int:
+        return int(self._mask.numel())

@@ -221,7 +221,7 @@ def _record(spec, mode: str, selection, ablated, tasks: dict, text_effect, expor
 
 
 def _provenance(config: RunConfig) -> dict:
-    from circuitctl.circuits.record import library_versions
+    from circuitctl.versions import library_versions
     from circuitctl.config.load import config_hash
 
     return {"config_hash": config_hash(config), "seed": config.seed, "library_versions": library_versions()}

@@ -28,44 +28,8 @@ import torch.nn.functional as F
 
 from circuitctl.metrics import metrics as known
 from circuitctl.metrics.metrics import Metric
+from circuitctl.models.unembedding import Unembedding
 from circuitctl.tasks.data import TaskData
-
-CPU_CHUNK = 2048  # vocabulary columns per block on the CPU: a block of logits stays in cache
-
-
-class Unembedding:
-    """The model's final normalisation and unembedding, with W_U's transpose made contiguous
-    once (TransformerLens copies it on every call) so that any rows of it (vocabulary
-    columns) are a cheap contiguous block."""
-
-    def __init__(self, model) -> None:
-        self.model = model
-        self.source = model.unembed.W_U
-        self.weight = self.source.T.contiguous()  # [V, d]
-        self.bias = model.unembed.b_U
-        self.vocab = self.weight.shape[0]
-        on_cpu = self.weight.device.type == "cpu"
-        self.chunk = CPU_CHUNK if on_cpu else self.vocab  # on an accelerator one call is fastest
-
-    def normalize(self, final: torch.Tensor) -> torch.Tensor:
-        """ln_final of final residuals [..., d] -> [M, d] (M = every leading index)."""
-        x = final.reshape(-1, 1, final.shape[-1])
-        if hasattr(self.model, "ln_final"):  # models without normalization have none
-            x = self.model.ln_final(x)
-        return x[:, 0]
-
-    def columns(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Logits [M, len(ids)] of the vocabulary entries `ids` from normalised x [M, d]."""
-        return F.linear(x, self.weight[ids], self.bias[ids])
-
-    def blocks(self, x: torch.Tensor):
-        """(start, logits [M, C]) for consecutive blocks of the vocabulary."""
-        for lo in range(0, self.vocab, self.chunk):
-            hi = min(lo + self.chunk, self.vocab)
-            yield lo, F.linear(x, self.weight[lo:hi], self.bias[lo:hi])
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
 
 
 def _remapped(batch: TaskData, columns: torch.Tensor) -> TaskData:

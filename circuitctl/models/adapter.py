@@ -32,6 +32,7 @@ from circuitctl.errors import UsageError
 from circuitctl.graph import naming
 from circuitctl.graph.graph import Graph, GraphSpec
 from circuitctl.models.norm_backward import normalisation_input_gradients
+from circuitctl.models.unembedding import Unembedding
 
 Objective = Callable[[torch.Tensor], torch.Tensor]  # logits at answer positions [B, vocab] -> scalar
 
@@ -227,6 +228,7 @@ class ModelAdapter:
                 n_kv_heads=n_kv_heads,
             )
         )
+        self._unembedding: Unembedding | None = None  # made on first use (`unembedding`)
 
     # -- basic properties ----------------------------------------------------------------
     @property
@@ -279,9 +281,20 @@ class ModelAdapter:
         # skips the (large) unembedding of every other position.
         rows = torch.arange(resid.shape[0], device=resid.device)
         picked = resid[rows, positions][:, None, :]
-        if hasattr(self.model, "ln_final"):  # models without normalization have none
-            picked = self.model.ln_final(picked)
-        return self.model.unembed(picked)[:, 0, :]
+        if not Unembedding.applies_to(self.model):  # W_U is being trained: TransformerLens's own
+            if hasattr(self.model, "ln_final"):  # models without normalization have none
+                picked = self.model.ln_final(picked)
+            return self.model.unembed(picked)[:, 0, :]
+        unembedding = self.unembedding
+        return unembedding.logits(unembedding.normalize(picked))
+
+    @property
+    def unembedding(self) -> Unembedding:
+        """ln_final and the unembedding with W_U's transpose copied once (TransformerLens copies
+        it on every call); renewed when W_U is replaced or edited in place."""
+        if self._unembedding is None or not self._unembedding.fresh_for(self.model):
+            self._unembedding = Unembedding(self.model)
+        return self._unembedding
 
     def projection(self, layer: int, channel: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(W [n, d_model, d_head], b [n, d_head]) that make hook_{channel}: n = n_heads for q, and

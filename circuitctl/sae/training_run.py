@@ -124,7 +124,7 @@ def train_from_config(config: TrainSaeConfig, config_dir: Path | None = None, fo
 
     import torch
 
-    from circuitctl.circuits.record import library_versions
+    from circuitctl.versions import library_versions
     from circuitctl.io.files import write_atomic, write_json
     from circuitctl.models.adapter import load_model
     from circuitctl.models.sae_sites import SiteRunner, hook_name

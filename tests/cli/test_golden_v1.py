@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from testkit import cli_exit_code
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "v1"
 # what schema 2 adds or changes in the demo's circuit.json; everything else is byte-identical
@@ -25,14 +26,7 @@ CHANGED = {
 }
 
 
-def cli(args: list[str]) -> int:
-    from circuitctl.cli.app import main
-
-    try:
-        main(args)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
+cli = cli_exit_code  # circuitctl ARGS in this process -> its exit code
 
 
 def without_changes(record: dict) -> str:

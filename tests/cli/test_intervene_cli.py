@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
+from testkit import cli_exit_code
 import torch
 
 from helpers import second_token_records
@@ -21,14 +22,7 @@ GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "v1"
 CONFIG = "model: {path: models/planted-copy-first, device: cpu}\ntask: {name: planted-copy-first}\nmethod: {name: exact, batch_size: 8}\nselection: {top_n: %d}\n"
 
 
-def cli(args: list[str]) -> int:
-    from circuitctl.cli.app import main
-
-    try:
-        main(args)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
+cli = cli_exit_code  # circuitctl ARGS in this process -> its exit code
 
 
 def jsonl(path: Path, records: list[dict]) -> Path:

@@ -9,6 +9,7 @@ import re
 import shutil
 
 import pytest
+from testkit import cli_exit_code
 from viewer_records import GOLDEN, SCHEMA2_KINDS, check_payload, read_json, schema2_runs
 
 from circuitctl.circuits.record import load_circuit_file
@@ -20,14 +21,7 @@ def embedded(path) -> dict:
     return json.loads(match.group(1))
 
 
-def cli(args: list[str]) -> int:
-    from circuitctl.cli.app import main
-
-    try:
-        main(args)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
+cli = cli_exit_code  # circuitctl ARGS in this process -> its exit code
 
 
 @pytest.fixture(scope="module")

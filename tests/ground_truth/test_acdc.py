@@ -165,9 +165,9 @@ def test_fast_equals_sequential_on_planted_models(name):
     ids=["kl-resample", "logitdiff-zero", "attnonly-mean", "probdiff-rms"],
 )
 def test_fast_equals_sequential_on_a_random_model(metric, ablation, model, monkeypatch):
-    from circuitctl.metrics import readout
+    from circuitctl.models import unembedding
 
-    monkeypatch.setattr(readout, "CPU_CHUNK", 5)  # the metric from vocabulary blocks (13 ids: 5, 5, 3)
+    monkeypatch.setattr(unembedding, "CPU_CHUNK", 5)  # the metric from vocabulary blocks (13 ids: 5, 5, 3)
     context = random_context(0, metric, ablation, **model)
     engine = context.engine(8, keep_cache=True)
     _, changes = sequential_acdc(engine, 1e-9, context.metric.importance_sign)  # every edge tested once

@@ -48,7 +48,6 @@ class NodeComputer:
         # rotary queries are rotated by their own position; computing them at every position
         # keeps that in TransformerLens's hands (apply_rotary), so heads then need all positions
         self.heads_need_all_positions = self.cfg.positional_embedding_type == "rotary"
-        self._unembedding = None  # `circuitctl.metrics.readout.Unembedding`, made on first use
 
     @staticmethod
     def _normalize(module, x: torch.Tensor) -> torch.Tensor:
@@ -142,14 +141,8 @@ class NodeComputer:
 
     @property
     def unembedding(self):
-        """ln_final and the unembedding (`circuitctl.metrics.readout.Unembedding`), with W_U's
-        transpose copied once: TransformerLens copies it on every call, which for a 50k
-        vocabulary costs more than the rest of a trial."""
-        from circuitctl.metrics.readout import Unembedding
-
-        if self._unembedding is None or self._unembedding.source is not self.model.unembed.W_U:
-            self._unembedding = Unembedding(self.model)
-        return self._unembedding
+        """ln_final and the unembedding with W_U's transpose copied once (the adapter's)."""
+        return self.adapter.unembedding
 
     def logits(self, final: torch.Tensor) -> torch.Tensor:
         """Logits from the final residual stream at the answer positions: [..., d] -> [..., vocab].
