@@ -8,7 +8,8 @@ Baselines (same batch, same model, 2 threads):
   fwd+bwd (params): the same with parameter gradients, as a training step computes.
   floor: one plain corrupt forward + the activations fwd+bwd: EAP's floor (issue 19: within 1.15x).
   strict floor: the same without the logits EAP never computes (the corrupt run's, and the clean
-      run's at positions other than the answer's): a lower bound no implementation can beat.
+      run's at positions other than the answer's), with W_U's transpose copied once (as circuitctl's
+      adapter does; TransformerLens copies it on every call): a lower bound no implementation can beat.
 EAP = one corrupt forward + one clean forward + backward + the per-layer score contraction.
 """
 
@@ -48,13 +49,15 @@ def inner(kind: str, shape: str, batch: int, length: int) -> dict:
         def make_leaf(x, hook):
             return x.detach().requires_grad_(True)
 
+        unembed_weight = model.W_U.T.contiguous()  # the strict floor copies W_U.T once, as EAP does
+
         def step():
             with torch.no_grad():
                 model(data.corrupt, stop_at_layer=L if kind == "strict_floor" else None)
             with model.hooks(fwd_hooks=[("hook_embed", make_leaf)]):
                 if kind == "strict_floor":
                     resid = model(data.clean, stop_at_layer=L)
-                    logits = model.unembed(model.ln_final(resid[:, -1:, :]))[:, 0]
+                    logits = torch.nn.functional.linear(model.ln_final(resid[:, -1:, :]), unembed_weight, model.b_U)[:, 0]
                 else:
                     logits = model(data.clean)[:, -1]
             (logits.gather(1, answers) - logits.gather(1, wrong)).sum().backward()
