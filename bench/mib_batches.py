@@ -14,11 +14,12 @@ The rule, per model (its shape below, its dtype as in the config):
    large, a step stack shrinks beyond 64 / 5 rows anyway, and EAP-IG saves its progress after
    each batch) and at most the pairs. EAP-IG keeps nothing per example, so all `--pairs`
    (1000, MIB's IOI attribution set) are used.
-4. Evaluation (`circuitctl evaluate faithfulness` keeps every pair's clean and ablation
-   activations, then runs patched passes of K = 8 circuits per batch): the pairs, or half of
-   what can be cached when not all of them can (the other half is for the patched passes),
-   and the largest batch for which those pairs and one patched pass fit (at most `--cap`).
-   Pass them as overrides: `evaluate faithfulness RUN_DIR task.n_pairs=N method.batch_size=B`.
+4. Evaluation (`circuitctl evaluate faithfulness` reuses every pair's clean and ablation
+   activations, then runs patched passes of K = 8 circuits per batch): every pair, since the
+   engine's batch cache keeps on the GPU only up to `cache_gib` (default: half the GPU's free
+   memory once the weights are loaded) and the rest on the host or recomputed; the batch is the
+   largest for which that device cache and one patched pass fit (at most `--cap`). Pass it as
+   an override: `evaluate faithfulness RUN_DIR method.batch_size=B`.
 
 Gemma-2-2B normalises attention outputs after the heads are summed (TransformerLens's
 `use_normalization_before_and_after`), which the adapter refuses today (edges are not additive):
@@ -44,9 +45,10 @@ MIB_MODELS = {
 EAP_IG_STEPS = 5
 
 
-def evaluation(sh: mt.Shape, n: int, batch: int, P: int, s: int) -> float:
-    """`circuitctl evaluate faithfulness`: every pair's engine state, plus one patched pass."""
-    return mt.engine_state(sh, n, P, s) + mt.patched_pass(sh, min(batch, n), P, s, mt.EVALUATION_K, True)
+def evaluation(sh: mt.Shape, n: int, batch: int, P: int, s: int, cache: float) -> float:
+    """`circuitctl evaluate faithfulness` on the GPU: the pairs' engine state up to the device
+    cache's budget `cache` (bytes; the rest waits on the host), plus one patched pass."""
+    return min(mt.engine_state(sh, n, P, s), cache) + mt.patched_pass(sh, min(batch, n), P, s, mt.EVALUATION_K, True)
 
 
 def eap_ig(sh: mt.Shape, batch: int, P: int, s: int) -> float:
@@ -59,9 +61,9 @@ def choose(sh: mt.Shape, dtype: str, pairs: int, length: int, gpu_gib: float, ma
     weights = mt.n_parameters(sh) * s
     budget = (gpu_gib * mt.GIB - weights) * margin
     batch = min(cap, pairs, mt._largest(lambda b: eap_ig(sh, b, length, s), budget))
-    cacheable = mt._largest(lambda n: evaluation(sh, n, 1, length, s), budget, 100_000)
-    eval_pairs = pairs if cacheable >= pairs else cacheable // 2
-    eval_batch = min(cap, eval_pairs, mt._largest(lambda b: evaluation(sh, eval_pairs, b, length, s), budget))
+    cache = (gpu_gib * mt.GIB - weights) / 2  # cache_gib's default: half the free memory after the weights
+    eval_pairs = pairs  # what the device cache cannot hold waits on the host or is recomputed
+    eval_batch = min(cap, eval_pairs, mt._largest(lambda b: evaluation(sh, eval_pairs, b, length, s, cache), budget))
     return {
         "dtype": dtype,
         "weights_gib": weights / mt.GIB,
@@ -70,7 +72,7 @@ def choose(sh: mt.Shape, dtype: str, pairs: int, length: int, gpu_gib: float, ma
         "eap_ig_gib": eap_ig(sh, batch, length, s) / mt.GIB,
         "eval_pairs": eval_pairs,
         "eval_batch": eval_batch,
-        "evaluation_gib": evaluation(sh, eval_pairs, eval_batch, length, s) / mt.GIB,
+        "evaluation_gib": evaluation(sh, eval_pairs, eval_batch, length, s, cache) / mt.GIB,
     }
 
 
