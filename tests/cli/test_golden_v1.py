@@ -16,7 +16,7 @@ GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "v1"
 CHANGED = {
     ("schema_version",),  # 1 -> 2
     ("space",),  # new: {"kind": "edge"}
-    ("created",), ("timings",),  # volatile
+    ("created",), ("timings",), ("library_versions",),  # volatile: when, how fast, with which installed versions
     ("config_hash",), ("config", "selection", "reselect"), ("selection", "reselect"),  # new selection switch
     ("results", "unit"), ("results", "chosen_by"),  # new: the counted unit, the rule that chose the circuit
     ("task", "origin"), ("config", "output"),  # where the task file and the run directory are
