@@ -108,7 +108,7 @@ def judge_task_signal(signal: TaskSignal, allow_small_gap: bool = False) -> list
     warnings: list[str] = []
     n, gap, se = signal.n_pairs, signal.gap, signal.gap_standard_error
     numbers = f"m(full) {signal.metric_full:.6g}, m(empty) {signal.metric_empty:.6g}, gap {gap:.3g}" + (
-        f" (standard error {se:.3g} over {n} pairs)" if se is not None else f" (1 pair: no standard error)"
+        f" (standard error {se:.3g} over {n} pairs)" if se is not None else " (1 pair: no standard error)"
     )
     refusals: list[str] = []
     if signal.ablation == "mean" and n == 1:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import yaml
+from testkit import golden_copy
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden" / "v1"
@@ -42,10 +42,4 @@ def planted_run(directory: Path, name: str) -> Path:
 
 def golden_run(directory: Path, name: str) -> Path:
     """A copy of a golden version-1 run directory, with its recorded /tmp/golden paths made real."""
-    target = directory / name
-    shutil.copytree(GOLDEN / name, target)
-    for path in target.rglob("*"):
-        if path.suffix in (".yaml", ".json") and path.is_file():
-            text = path.read_text().replace("/tmp/golden/saes", str(GOLDEN / "saes"))
-            path.write_text(text.replace("/tmp/golden/", f"{directory}/"))
-    return target
+    return golden_copy(name, directory)

@@ -1,4 +1,5 @@
-"""What tests share beyond fixtures: the device tier's device, tiny random models, random tokens.
+"""What tests share beyond fixtures: the device tier's device, tiny random models, random tokens,
+the golden version-1 run directories, circuitctl run in-process.
 
 (Imported as `testkit`, never as `conftest`: several directories have a conftest.py.)
 """
@@ -6,6 +7,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import torch
 
@@ -47,3 +50,18 @@ def cli_exit_code(args: list[str]) -> int:
     except SystemExit as exc:
         return int(exc.code or 0)
     return 0
+
+
+GOLDEN = Path(__file__).resolve().parent / "golden" / "v1"  # run directories written by version 1
+
+
+def golden_copy(name: str, root: Path) -> Path:
+    """The golden version-1 run directory `name` (and the SAEs it reads) copied into `root`, with
+    its recorded /tmp/golden paths rewritten to `root`."""
+    root = Path(root)
+    for part in (name, "saes"):
+        shutil.copytree(GOLDEN / part, root / part, dirs_exist_ok=True)
+    for file in (root / name).rglob("*"):
+        if file.suffix in (".json", ".yaml") and file.is_file():
+            file.write_text(file.read_text().replace("/tmp/golden", str(root)))
+    return root / name

@@ -24,7 +24,6 @@ in float32, as `circuitctl.metrics.metrics.Metric` does.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from circuitctl.metrics import metrics as known
 from circuitctl.metrics.metrics import Metric

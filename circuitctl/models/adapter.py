@@ -447,7 +447,7 @@ class ModelAdapter:
         over (downstream index range, gradient [n_inputs, B, P, d]) per layer and for the logits).
         `embeddings` replaces the input embedding (used by integrated gradients).
         """
-        g, L, H = self.graph, self.cfg.n_layers, self.cfg.n_heads
+        g, L = self.graph, self.cfg.n_layers
         acts: dict[str, torch.Tensor] = {}
         head_outputs: list[torch.Tensor] = []
 

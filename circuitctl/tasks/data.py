@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from array import array
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 

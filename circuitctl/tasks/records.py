@@ -181,7 +181,7 @@ def _locate(name: str | None, path: Path | None, shipped_dir: Path) -> tuple[Tas
         if path.is_dir():
             path = path / "task.yaml"
             if not path.is_file():
-                raise UsageError(f"task.path: directory has no task.yaml")
+                raise UsageError("task.path: directory has no task.yaml")
         if path.suffix == ".jsonl":
             return TaskSpec(name=path.stem, pairs=path.name), path, str(path)
         return _with_pairs_file(read_spec(path), path)

@@ -5,13 +5,10 @@ faithfulness recorded beside them."""
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
-from testkit import cli_exit_code
+from testkit import GOLDEN, cli_exit_code, golden_copy
 
-GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "v1"
 # what schema 2 adds or changes in the demo's circuit.json; everything else is byte-identical
 CHANGED = {
     ("schema_version",),  # 1 -> 2
@@ -64,16 +61,6 @@ def test_the_demo_writes_the_files_it_wrote_before(tmp_path):
     record = json.loads((new / "circuit.json").read_text())
     assert record["schema_version"] == 2 and record["space"] == {"kind": "edge"}
     assert_same_record(record, json.loads((old / "circuit.json").read_text()))
-
-
-def golden_copy(name: str, root: Path) -> Path:
-    """The golden run directory `name` (and the SAEs) in `root`, with its /tmp/golden paths rewritten."""
-    for part in (name, "saes"):
-        shutil.copytree(GOLDEN / part, root / part, dirs_exist_ok=True)
-    for file in (root / name).rglob("*"):
-        if file.suffix in (".json", ".yaml"):
-            file.write_text(file.read_text().replace("/tmp/golden", str(root)))
-    return root / name
 
 
 CASES = {  # run directory: overrides (version 1 evaluated every feature circuit with mean ablation)

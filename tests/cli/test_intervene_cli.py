@@ -13,12 +13,11 @@ import json
 from pathlib import Path
 
 import pytest
-from testkit import cli_exit_code
+from testkit import cli_exit_code, golden_copy
 import torch
 
 from helpers import second_token_records
 
-GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "v1"
 CONFIG = "model: {path: models/planted-copy-first, device: cpu}\ntask: {name: planted-copy-first}\nmethod: {name: exact, batch_size: 8}\nselection: {top_n: %d}\n"
 
 
@@ -173,15 +172,7 @@ def test_sae_features_of_an_sfc_run_with_the_text_loss(world, tmp_path):
     assert not (tmp_path / "x").exists() and not (tmp_path / "m").exists()
 
 
-def _golden(name: str, root: Path) -> Path:
-    import shutil
-
-    for part in (name, "saes"):
-        shutil.copytree(GOLDEN / part, root / part, dirs_exist_ok=True)
-    for file in (root / name).rglob("*"):
-        if file.suffix in (".json", ".yaml"):
-            file.write_text(file.read_text().replace("/tmp/golden", str(root)))
-    return root / name
+_golden = golden_copy
 
 
 @pytest.mark.parametrize(

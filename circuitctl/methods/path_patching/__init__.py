@@ -43,7 +43,6 @@ import torch
 
 from circuitctl.checkpoint import Autosave
 from circuitctl.config.methods import PathPatchingSettings
-from circuitctl.errors import UsageError
 from circuitctl.graph import naming
 from circuitctl.graph.graph import Graph
 from circuitctl.methods.base import DiscoveryContext, DiscoveryResult
