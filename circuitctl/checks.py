@@ -157,23 +157,6 @@ def judge_task_signal(signal: TaskSignal, allow_small_gap: bool = False) -> list
     return warnings
 
 
-def undefined_faithfulness_reason(m_full: float, m_empty: float, task_signal: dict | None = None) -> str | None:
-    """Why f(C) = (m(C) - m(empty)) / (m(full) - m(empty)) is undefined for these values (to write
-    f as null with this reason), or None when it is defined. Undefined: no gap, or (given the
-    run's `task_signal` record) a gap that `judge_task_signal` calls tiny next to the metric's spread."""
-    gap = m_full - m_empty
-    if not (math.isfinite(m_full) and math.isfinite(m_empty)):
-        return f"m(full) {m_full} or m(empty) {m_empty} is not finite"
-    spread = (task_signal or {}).get("metric_spread") or max(abs(m_full), abs(m_empty))
-    if gap == 0 or abs(gap) <= MIN_GAP_TO_SPREAD * spread:
-        return (
-            f"m(full) {m_full:.6g} and m(empty) {m_empty:.6g} differ by {gap:.3g}, under {MIN_GAP_TO_SPREAD:g} of "
-            f"the metric's {'spread over examples' if (task_signal or {}).get('metric_spread') else 'size'} ({spread:.3g}): "
-            "the task has no clean-corrupt gap to recover"
-        )
-    return None
-
-
 def measure_task_signal(adapter, data, metric, ablation, batch_size: int) -> TaskSignal:
     """Per-example metric of the clean run and of the run with every edge ablated, over the task."""
     import torch

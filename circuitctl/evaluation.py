@@ -23,7 +23,6 @@ def evaluate_faithfulness(
     out_dir: Path,
     force: bool = False,
     known: list[str] | None = None,
-    batch_size: int | None = None,
     curve_rule: str = "mib",
     n_resamples: int = 1000,
 ) -> tuple[FaithfulnessReport, list[Path]]:
@@ -41,7 +40,7 @@ def evaluate_faithfulness(
     space = space_for(loaded.record["space"], session.adapter, session.data)
     scores, membership = space.read(loaded.record, loaded.origin)
     evaluator = CircuitEvaluator(
-        space, session.adapter, session.data, session.metric, config.ablation, batch_size or config.method.batch_size, config.cache_gib
+        space, session.adapter, session.data, session.metric, config.ablation, config.batch_size, config.cache_gib
     )
     known_report = against_known_units(known, space, scores, membership) if known is not None else None
     report = faithfulness_report(circuit_path, config, evaluator, scores, membership, known_report, curve_rule, n_resamples)

@@ -201,10 +201,11 @@ def finish(run_dir: Path, config: RunConfig, session, result, timings: dict[str,
     circuits = []
     for point in points:
         check_scores(point.scores, space, method)
-        membership, chosen_by = select(point.scores.float().cpu(), space, config.selection, point.membership, method)
+        scores = point.scores.float().cpu()
+        membership, chosen_by = select(scores, space, config.selection, point.membership, method)
         label = getattr(point, "label", None)
         params = getattr(point, "params", {})
-        circuits.append(_Circuit(label, params, point.scores.float().cpu(), membership, chosen_by, point.forward_passes, point.extra))
+        circuits.append(_Circuit(label, params, scores, membership, chosen_by, point.forward_passes, point.extra))
 
     t0 = time.perf_counter()
     evaluator = CircuitEvaluator(space, session.adapter, session.data, session.metric, config.ablation, config.method.batch_size, config.cache_gib)

@@ -57,7 +57,8 @@ def example_faithfulness(values: ExampleValues) -> torch.Tensor:
     """f_i of every example (float64 [N]); NaN where the example's gap is too small to normalise by."""
     gap = values.full - values.empty
     dataset_gap = abs(float(gap.mean()))
-    undefined = (gap.abs() < MIN_EXAMPLE_GAP * dataset_gap) | (gap.abs() < GAP_EPSILON)
+    scale = torch.maximum(torch.ones_like(gap), torch.maximum(values.full.abs(), values.empty.abs()))
+    undefined = (gap.abs() < MIN_EXAMPLE_GAP * dataset_gap) | (gap.abs() < GAP_EPSILON * scale)
     f = (values.circuit - values.empty) / torch.where(undefined, torch.ones_like(gap), gap)
     return torch.where(undefined, torch.full_like(f, float("nan")), f)
 
@@ -148,7 +149,8 @@ def confidence_intervals(values: ExampleValues, percentages: list[float] | None,
 def ratio(m: torch.Tensor, m_full: torch.Tensor, m_empty: torch.Tensor) -> torch.Tensor:
     """normalized_faithfulness, elementwise: NaN where it is undefined."""
     gap = m_full - m_empty
-    undefined = ~torch.isfinite(gap) | (gap.abs() < GAP_EPSILON)
+    scale = torch.maximum(torch.ones_like(gap), torch.maximum(m_full.abs(), m_empty.abs()))
+    undefined = ~torch.isfinite(gap) | (gap.abs() < GAP_EPSILON * scale)  # normalized_faithfulness's rule
     f = (m - m_empty) / torch.where(undefined, torch.ones_like(gap), gap)
     return torch.where(undefined.expand_as(f), torch.full_like(f, float("nan")), f)
 

@@ -23,10 +23,6 @@ class CircuitEvaluator:
         self.patcher = space.patcher(self.engine)
 
     @property
-    def batch_size(self) -> int:
-        return self.engine.batch_size
-
-    @property
     def n_batches(self) -> int:
         return self.engine.n_local_batches()
 

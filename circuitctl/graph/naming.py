@@ -37,7 +37,6 @@ _INPUT_RE = re.compile(r"^(?P<node>[^<>]+?)(?:<(?P<channel>[qkv])>)?$")
 _NEURON_RE = re.compile(r"^m(?P<layer>\d+)\.n(?P<index>\d+)$")
 _SITE_RE = re.compile(r"^(?:(?P<embed>embed)|(?P<kind>attn|mlp|resid)(?P<layer>\d+))$")
 _FEATURE_RE = re.compile(r"^(?P<site>[a-z]+\d*)/(?:f(?P<feature>\d+)|(?P<err>err))(?:@(?P<pos>[^@/>\s-]+))?$")
-SITE_KINDS = ("embed", "attn", "mlp", "resid")
 _SITE_ORDER = {"attn": 0, "mlp": 1, "resid": 2}
 
 

@@ -23,19 +23,10 @@ from dataclasses import dataclass
 import torch
 
 from circuitctl.errors import UsageError
+from circuitctl.graph import naming
 
 END = "end"  # the answer position, where the logits are read
 OTHER = "other"  # the unlabelled tokens of a labelled task
-_FORBIDDEN = set("<>@/\"'\\`{}[];,=") | {" ", "\t", "\n", "\r"}
-
-
-def check_label(label: str, what: str = "task position label") -> None:
-    """Position labels become parts of node names (``a0.h1@S2``) and of files: plain words only."""
-    if not label or len(label) > 64 or any(ch in _FORBIDDEN or not ch.isprintable() for ch in label):
-        raise UsageError(
-            f"{what} {label!r} cannot be used in node names: use 1-64 printable characters without spaces, "
-            "quotes, brackets or any of < > @ / \\ ; , ="
-        )
 
 
 @dataclass(frozen=True)
@@ -59,8 +50,9 @@ class PositionLayout:
                 )
             length = int(lengths[0])
             return cls(tuple(f"t{p}" for p in range(length - 1)) + (END,), labelled=False, answer=length - 1)
-        for label in labels:
-            check_label(label)
+        for label in labels:  # task files are checked when read; this guards data built in code
+            if not naming.is_position_label(label):
+                raise UsageError(f"task position label {label!r} cannot be used in node names: {naming.POSITION_LABEL_RULE}")
         if OTHER in labels:
             raise UsageError(f"task position label '{OTHER}' is reserved for the unlabelled tokens; rename it")
         answers = data.answer_positions

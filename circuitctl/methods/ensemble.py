@@ -22,18 +22,9 @@ from circuitctl.checkpoint import Autosave
 from circuitctl.config.methods import EnsembleSettings
 from circuitctl.errors import UsageError
 from circuitctl.methods.base import DiscoveryContext, DiscoveryResult, run_method
+from circuitctl.metrics.faithfulness import average_ranks
 
 METHOD = "ensemble"
-
-
-def average_ranks(values: torch.Tensor) -> torch.Tensor:
-    """Ranks 1..n of a 1-D tensor, ties sharing their average rank."""
-    ordered, order = torch.sort(values, stable=True)
-    _, inverse, counts = torch.unique_consecutive(ordered, return_inverse=True, return_counts=True)
-    ends = counts.cumsum(0).double()
-    ranks = torch.empty(len(values), dtype=torch.float64, device=values.device)
-    ranks[order] = ((ends - counts + 1 + ends) / 2)[inverse]
-    return ranks
 
 
 def signed_rank(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

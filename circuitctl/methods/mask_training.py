@@ -49,7 +49,9 @@ class TrainingData:
         self._ablation: torch.Tensor | None = None
         self._reference: torch.Tensor | None = None
         adapter, n = context.adapter, self.data.n
-        per_example = adapter.graph.n_upstream * self.data.clean.shape[1] * adapter.cfg.d_model + adapter.d_vocab
+        per_example = adapter.d_vocab  # the full model's logits
+        if context.ablation.type == "resample":  # and each example's own ablation outputs (zero / mean are shared)
+            per_example += adapter.graph.n_upstream * self.data.clean.shape[1] * adapter.cfg.d_model
         if per_example * n * adapter.dtype.itemsize <= cache_mib * 2**20:
             self._fill_cache()
 
@@ -68,7 +70,7 @@ class TrainingData:
     def batch(self, step: int) -> tuple[TaskData, torch.Tensor, torch.Tensor]:
         """(examples, ablation outputs [U, B or 1, P, d], full-model logits [B, vocab]) of step `step`."""
         index = self.indices(step)
-        batch = _take(self.data, index).to(self.device)
+        batch = self.data.take(index).to(self.device)
         if self._reference is not None:
             ablation = self._ablation[:, index.to(self.device)] if self._ablation is not None else self.engine.ablation_outputs(batch)
             return batch, ablation, self._reference[index.to(self.device)]
@@ -87,13 +89,6 @@ class TrainingData:
                     ablations.append(self.engine.ablation_outputs(batch))
         self._reference = torch.cat(references)
         self._ablation = torch.cat(ablations, dim=1) if ablations else None
-
-
-def _take(data: TaskData, index: torch.Tensor) -> TaskData:
-    return TaskData(
-        data.clean[index], data.corrupt[index], data.lengths[index], data.answers[index], data.wrong[index],
-        {k: v[index] for k, v in data.positions.items()},
-    )
 
 
 def objective_loss(context: DiscoveryContext, objective: str, batch: TaskData, ablation, reference, keep) -> torch.Tensor:

@@ -97,8 +97,6 @@ def average_ranks(values: torch.Tensor) -> torch.Tensor:
     return ranks
 
 
-_average_ranks = average_ranks
-
 # Scores are float32: differences below this fraction of the largest |score| are rounding, not ranking
 # (an edge whose exact effect is 0 scores 1e-13 by one method and exactly 0 by another)
 RANK_RESOLUTION = 1e-6

@@ -14,7 +14,7 @@ from circuitctl's own in three ways that change CPR and CMD on small graphs and 
   incoming or outgoing edge (the input counts as having input) are dropped with their edges
   until the node set stops changing.
 
-`mib_circuits` reproduces this for edge and node circuits of ungrouped graphs; circuitctl's own
+`mib_edge_circuits` and `mib_node_circuits` reproduce this for edge and node circuits of ungrouped graphs; circuitctl's own
 rule (at least one unit, rounding up, a stable sort, no pruning) stays available as
 ``evaluate faithfulness --curve circuitctl``.
 """

@@ -222,19 +222,6 @@ class PatchingEngine:
             per_example.copy_(distributed.all_reduce_sum(per_example))
         return distributed.all_reduce_sum(totals) / self.data.n
 
-    def per_example_values(
-        self,
-        logits_of: Callable[[BatchState, torch.Tensor], torch.Tensor],
-        masks: torch.Tensor,
-        chunk: int = 8,
-        prepare: Callable[[BatchState], BatchState] | None = None,
-    ) -> torch.Tensor:
-        """Per-example metric [K, N] (float64) of K patched runs described by `masks` [K, ...],
-        for every example of the dataset in its order: `values` without the mean (the same loop)."""
-        per_example = torch.zeros(masks.shape[0], self.data.n, dtype=torch.float64, device="cpu")
-        self.values(logits_of, masks, chunk, prepare=prepare, per_example=per_example)
-        return per_example
-
     # -- edge patching (exact patching, ACDC) ---------------------------------------------------
     def edge_logits(self, piece: BatchState, ablated: torch.Tensor) -> torch.Tensor:
         """Logits [K, b, vocab] of one piece with each of K ablated-edge masks [K, U, V] applied."""

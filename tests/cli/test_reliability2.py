@@ -225,17 +225,6 @@ def test_judge_task_signal_thresholds():
         judge([5.0], [1.0], ablation="mean")
 
 
-def test_undefined_faithfulness_reason():
-    from circuitctl.checks import undefined_faithfulness_reason
-
-    assert undefined_faithfulness_reason(5.0, -5.0) is None
-    assert "no clean-corrupt gap" in undefined_faithfulness_reason(7.8388, 7.8388)
-    assert "differ by 1e-08" in undefined_faithfulness_reason(7.8388, 7.8388 - 1e-8)
-    assert undefined_faithfulness_reason(0.5, 0.45, {"metric_spread": 10.0}) is not None  # gap 0.05 < 1 % of 10
-    assert undefined_faithfulness_reason(0.5, 0.45, {"metric_spread": 2.0}) is None  # gap 0.05 > 1 % of 2
-    assert "not finite" in undefined_faithfulness_reason(float("nan"), 1.0)
-
-
 # ------------------------------------------------------------------------------------------
 # 2. A full disk
 # ------------------------------------------------------------------------------------------

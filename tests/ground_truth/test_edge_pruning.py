@@ -215,6 +215,7 @@ def test_interrupted_edge_pruning_resumes_to_bit_identical_masks(how, tmp_path, 
     calls.update(n=0, stop=None)
     resumed = edge_pruning.discover(replace(context, checkpoint=checkpoint, resume=True), settings)
     assert calls["n"] == 2 * 12 - (5 - 1) - (10 - 1)  # the finished steps were not run again
-    for a, b in zip(reference.sweep, resumed.sweep):
+    assert len(reference.sweep) == 2
+    for a, b in zip(reference.sweep, resumed.sweep, strict=True):
         assert torch.equal(a.scores, b.scores) and torch.equal(a.membership, b.membership)
     assert resumed.files == reference.files

@@ -73,12 +73,6 @@ def test_yaml_line_numbers_and_safe_loading(tmp_path):
         load_config(path)
 
 
-def test_cli_start_up_does_not_import_torch():
-    code = "import sys; from circuitctl.cli.app import _register; _register(); print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
-
-
 @pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_passes_circuitctl_validate(path, tmp_path):
     """Offline and with an empty Hugging Face cache: a hub model is a note, not a failure."""
