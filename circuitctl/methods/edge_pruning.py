@@ -170,7 +170,7 @@ def _step(context, settings, data: TrainingData, pruner: _Pruner, step: int, tar
     pruner.optimizer.zero_grad(set_to_none=True)
     with torch.enable_grad():
         z = hard_concrete.sample(pruner.log_alpha, step_generator(context.seed, step, pruner.log_alpha.device))
-        task_loss = objective_loss(context, settings.objective, batch, ablation, reference, z)
+        task_loss = objective_loss(context, settings.objective, batch, ablation, reference, z, data.workspace)
         if settings.sparsity_measure == "sampled":
             s = 1 - (z * edge_mask).sum() / edge_mask.sum()
         else:

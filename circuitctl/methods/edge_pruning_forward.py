@@ -9,14 +9,18 @@ i.e. z * (the writer's output in this pass) + (1 - z) * (its ablated output), su
 writers, plus the biases. "Current" means recomputed in this same pass: once some mask is below
 1, the outputs of every later node change, so nothing after the embedding can come from a
 cached clean run. Each layer's inputs are mixed in one matrix product (all edges into a layer
-at once, ``[V_layer, n_up] @ [n_up, B*P*d]``), not one hook per edge, and the gradient with
-respect to ``keep`` flows through autograd. At binary masks this is exactly edge patching
-(`ModelAdapter.patched_logits`); tested against it.
+at once, ``[V_layer, n_up] @ [n_up, B*P*d]``), not one hook per edge; the gradients with
+respect to ``keep`` and to the writers' outputs come from the two autograd functions below
+(`_Mix`, `_Writer`). At binary masks this is exactly edge patching
+(`ModelAdapter.patched_logits`), and at fractional masks its values and gradients equal a plain
+one-edge-at-a-time implementation; both are tested.
 
-This module is the TransformerLens side of the learned-mask methods: like
-`ModelAdapter.patched_logits` it re-projects a head's mixed q/k/v input inside ``hook_q/k/v``
-(no ``use_split_qkv_input`` copies of the residual stream) and reads each head's output from
-``hook_z`` (``z @ W_O[h]``, no ``use_attn_result``).
+This module is the TransformerLens side of the learned-mask methods. Each layer's attention
+takes its q, k and v from this pass (`ModelAdapter.qkv_from`): every head's q/k/v input is
+mixed, normalised and projected here, all of the layer's at once, and TransformerLens's own
+projection of ln1's output is skipped rather than computed and replaced; each head's output is
+read from ``hook_z`` (``z @ W_O[h]``, no ``use_attn_result``). The cost of a training step
+against a plain forward + backward is measured by ``bench/bench_edge_pruning.py``.
 """
 
 from __future__ import annotations
@@ -27,55 +31,114 @@ from circuitctl.graph import naming
 from circuitctl.models.adapter import ModelAdapter
 
 
+class Workspace:
+    """Buffers that successive masked passes reuse: the writers' buffer and the readers'
+    gradients are hundreds of MB for GPT-2 (``n_upstream`` and ``n_downstream`` rows of
+    ``B*P*d``); a fresh allocation of that size on the CPU is new pages from the kernel every
+    step, page faults that cost as much as the copies into them. A pass takes a buffer and gives
+    it back when its autograd graph is freed; a second pass alive at the same time gets a fresh
+    one. (On a GPU the caching allocator already does this.)"""
+
+    def __init__(self) -> None:
+        self._free: dict[tuple, torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        key = (name, tuple(shape), like.dtype, like.device)
+        tensor = self._free.pop(key, None)
+        return tensor if tensor is not None else torch.empty(shape, dtype=like.dtype, device=like.device)
+
+    def give_back(self, name: str, tensor: torch.Tensor) -> None:
+        self._free[(name, tuple(tensor.shape), tensor.dtype, tensor.device)] = tensor
+
+
 class _Writers:
-    """Every writer's (current - ablated) output of one masked pass, in graph order, also copied
-    into one contiguous buffer ``[n_upstream, B*P*d]`` as it is produced, so that mixing the first
-    n writers into a layer's inputs is one matrix product over ``buffer[:n]`` (no concatenation per
-    layer, forward or backward)."""
+    """Every writer's (current - ablated) output of one masked pass, in graph order, kept in one
+    contiguous buffer ``[n_upstream, B*P*d]`` as it is produced, so that mixing the first n writers
+    into a layer's inputs is one matrix product over ``buffer[:n]`` (no concatenation per layer).
 
-    def __init__(self, n_upstream: int, like: torch.Tensor) -> None:
-        self.blocks: list[torch.Tensor] = []
-        self.buffer = torch.empty((n_upstream, like[0].numel()), dtype=like.dtype, device=like.device)
+    Backward runs the other way round: each mix adds its readers' share to the writers'
+    gradients, accumulated in place in one buffer (``grads[:n] += weights @ d loss / d inputs``,
+    no partial gradient tensors to allocate and add up), and returns none for the writers
+    themselves; a writer's backward, which autograd runs after every mix that reads it, hands
+    its rows on."""
+
+    def __init__(self, graph, like: torch.Tensor, workspace: Workspace | None) -> None:
+        self.workspace = workspace or Workspace()
+        self.buffer = self.workspace.take("writers", (graph.n_upstream, like[0].numel()), like)
         self.rows = 0
+        self.grads: torch.Tensor | None = None
+        self.summed = 0  # grads[:summed] hold sums; later rows have no gradient yet
 
-    def append(self, block: torch.Tensor) -> None:
-        with torch.no_grad():
-            self.buffer[self.rows : self.rows + block.shape[0]] = block.reshape(block.shape[0], -1)
-        self.blocks.append(block)
-        self.rows += block.shape[0]
+    def append(self, block: torch.Tensor, ablated: torch.Tensor) -> torch.Tensor | None:
+        """Store ``block - ablated``. Returns the writers' handle in the autograd graph (an empty
+        tensor; None when the block needs no gradient), to be passed to every mix that reads
+        them. The caller keeps the handles: holding graph tensors here would make a reference
+        cycle through the autograd graph (this record is on every mix's and writer's ctx) that
+        outlives the step."""
+        rows = slice(self.rows, self.rows + block.shape[0])
+        self.rows = rows.stop
+        if block.requires_grad:
+            return _Writer.apply(block, ablated, self, rows)
+        torch.sub(block, ablated, out=self.buffer[rows].view(block.shape))
+        return None
 
-    def upto(self, n_up: int) -> list[torch.Tensor]:
-        used, rows = [], 0
-        for block in self.blocks:
-            if rows >= n_up:
-                break
-            used.append(block)
-            rows += block.shape[0]
-        assert rows == n_up, "writer blocks must end at a reader's prefix"
-        return used
+    def accumulate(self, weights: torch.Tensor, grad: torch.Tensor) -> None:
+        """grads[:n] += weights @ grad for a mix over the first n writers (weights [n, V], grad [V, B*P*d])."""
+        n, done = weights.shape[0], self.summed
+        if self.grads is None:
+            self.grads = self.workspace.take("writer_grads", tuple(self.buffer.shape), grad)
+        if n > done:  # rows no mix has reached yet: written, not added to
+            torch.mm(weights[done:], grad, out=self.grads[done:n])
+        if done > 0:
+            self.grads[: min(n, done)].addmm_(weights[:done], grad)
+        self.summed = max(n, done)
+
+    def grad_of(self, rows: slice) -> torch.Tensor:
+        if rows.stop <= self.summed:
+            return self.grads[rows]
+        return self.buffer.new_zeros((rows.stop - rows.start, self.buffer.shape[1]))  # no reader reached the loss
+
+    def __del__(self) -> None:  # the autograd graph that held this record is gone
+        self.workspace.give_back("writers", self.buffer)
+        if self.grads is not None:
+            self.workspace.give_back("writer_grads", self.grads)
+
+
+class _Writer(torch.autograd.Function):
+    """``block - ablated`` written into the writers' buffer; the output is only a handle (every
+    use of the values goes through a mix), and backward returns the block's gradient that the
+    mixes accumulated."""
+
+    @staticmethod
+    def forward(ctx, block, ablated, writers: _Writers, rows: slice):
+        ctx.set_materialize_grads(False)
+        ctx.writers, ctx.rows, ctx.shape = writers, rows, block.shape
+        torch.sub(block, ablated, out=writers.buffer[rows].view(block.shape))
+        return block.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, _handle_grad):
+        # a view of the reused buffer: these rows are final, and nothing keeps a non-leaf's grad
+        return ctx.writers.grad_of(ctx.rows).view(ctx.shape), None, None, None
 
 
 class _Mix(torch.autograd.Function):
-    """weights^T @ buffer[:n] for the writers' blocks (autograd inputs) whose values the buffer holds."""
+    """weights^T @ buffer[:n] for readers `columns`; the writers' handles are inputs only so that
+    autograd runs every mix that reads a writer before the writer's own backward."""
 
     @staticmethod
-    def forward(ctx, weights: torch.Tensor, buffer: torch.Tensor, *blocks: torch.Tensor) -> torch.Tensor:
-        # only the detached buffer and the shapes are kept: holding the blocks (graph tensors) on
-        # ctx would make a reference cycle through the graph that outlives the step
-        n = weights.shape[0]
-        ctx.buffer, ctx.shapes = buffer, [b.shape for b in blocks]
+    def forward(ctx, weights: torch.Tensor, writers: _Writers, *handles: torch.Tensor) -> torch.Tensor:
+        ctx.writers = writers
         ctx.save_for_backward(weights)
-        return weights.T @ buffer[:n]
+        return weights.T @ writers.buffer[: weights.shape[0]]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (weights,) = ctx.saved_tensors
-        n = weights.shape[0]
-        grad_weights = ctx.buffer[:n] @ grad.T if ctx.needs_input_grad[0] else None
-        grad_rows = weights @ grad
-        sizes = [shape[0] for shape in ctx.shapes]
-        grad_blocks = [g.view(shape) for g, shape in zip(grad_rows.split(sizes), ctx.shapes)]
-        return (grad_weights, None, *grad_blocks)
+        writers = ctx.writers
+        grad_weights = writers.buffer[: weights.shape[0]] @ grad.T if ctx.needs_input_grad[0] else None
+        writers.accumulate(weights, grad)
+        return (grad_weights, None, *(None for _ in range(len(ctx.needs_input_grad) - 2)))
 
 
 def _normalize(ln, x: torch.Tensor) -> torch.Tensor:
@@ -96,6 +159,7 @@ def masked_logits(
     positions: torch.Tensor,
     ablation_outputs: torch.Tensor,
     keep: torch.Tensor,
+    workspace: Workspace | None = None,
 ) -> torch.Tensor:
     """Logits at the answer positions [B, vocab] of the clean `tokens` run with each edge u -> v
     kept with weight ``keep[u, v]`` (1: clean, 0: ablated, in between: the mix).
@@ -103,67 +167,69 @@ def masked_logits(
     ablation_outputs: [n_upstream, B or 1, P, d] what an ablated edge carries (the engine's
                       resample / zero / mean outputs).
     keep:             float [n_upstream, n_downstream]; entries that are not edges are ignored.
+    workspace:        buffers to reuse from earlier passes (training keeps one for all its steps).
     Differentiable with respect to `keep` (run it under ``torch.enable_grad()``).
     """
     g, model, L, H = adapter.graph, adapter.model, adapter.cfg.n_layers, adapter.cfg.n_heads
-    drop = (1 - keep.to(adapter.dtype)) * g.edge_mask.to(keep.device, adapter.dtype)  # weight of the ablated value
+    # each input gets sum_u mixing[u, v] * diff_u added: minus the weight of the ablated value
+    # (the sign is in the weights so that no pass over the activations negates anything)
+    mixing = (keep.to(adapter.dtype) - 1) * g.edge_mask.to(keep.device, adapter.dtype)
     resid_pre: dict[int, torch.Tensor] = {}
-    layer_mix: dict[int, list[torch.Tensor]] = {}  # layer -> [q, k, v, MLP-prefix] mixes
+    handles_by_end: list[torch.Tensor | None] = []  # each block of writers' autograd handle
+    ends: list[int] = []  # and the row after its last writer
     B, P = tokens.shape
     n_kv = g.spec.kv_heads
 
     def mix(columns: range, n_up: int) -> torch.Tensor:
-        """sum_u drop[u, v] * diff_u for the downstream inputs `columns` over the first n_up writers."""
-        weights = drop[:n_up, columns.start : columns.stop]
-        return _Mix.apply(weights, writers.buffer, *writers.upto(n_up)).view(len(columns), B, P, -1)
+        """sum_u mixing[u, v] * diff_u for the downstream inputs `columns` over the first n_up writers."""
+        weights = mixing[:n_up, columns.start : columns.stop]
+        handles = [h for h, end in zip(handles_by_end, ends) if end <= n_up and h is not None]
+        return _Mix.apply(weights, writers, *handles).view(len(columns), B, P, -1)
+
+    def add_writers(block: torch.Tensor, first: int) -> None:
+        """Writers `first`.. (the rows of `block`)."""
+        assert first == writers.rows, "writers must be added in graph order"
+        handles_by_end.append(writers.append(block, ablation_outputs[first : first + block.shape[0]]))
+        ends.append(writers.rows)
 
     def keep_resid(x, hook):
         resid_pre[hook.layer()] = x
 
-    def project(channel: str):
-        def hook_fn(x, hook):
-            layer = hook.layer()
-            if layer not in layer_mix:  # q, k, v (and the MLP's earlier writers) in one product
-                sizes = [H, n_kv, n_kv] + ([1] if g.spec.has_mlps else [])
-                layer_mix[layer] = list(mix(g.layer_inputs(layer), g.head_out_start[layer]).split(sizes))
-            part = layer_mix[layer][naming.CHANNELS.index(channel)]
-            W, b = adapter.projection(layer, channel)
-            normed = _normalize(model.blocks[layer].ln1, resid_pre[layer][None] - part)
-            return torch.einsum("hbpd,hde->bphe", normed, W) + b
-
-        return hook_fn
+    def project(layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k and v of every head from its own mixed input: one mixing product, one normalisation
+        and one batched projection for all q, k and v inputs of the layer."""
+        start = g.q_in_start[layer]
+        inputs = resid_pre[layer][None] + mix(range(start, start + H + 2 * n_kv), g.head_out_start[layer])
+        normed = _normalize(model.blocks[layer].ln1, inputs)
+        weights, biases = zip(*(adapter.projection(layer, c) for c in naming.CHANNELS))
+        projected = torch.einsum("hbpd,hde->hbpe", normed, torch.cat(weights)) + torch.cat(biases)[:, None, None]
+        q, k, v = projected.split([H, n_kv, n_kv])
+        return q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)
 
     def keep_heads(z, hook):
         layer = hook.layer()
-        lo = g.head_out_start[layer]
-        writers.append(adapter.head_outputs(layer, z) - ablation_outputs[lo : lo + H])
+        add_writers(adapter.head_outputs(layer, z), g.head_out_start[layer])
 
     def mix_mlp_in(x, hook):
-        layer = hook.layer()
-        v = g.mlp_in_index[layer]
-        mixed = layer_mix.pop(layer)[-1][0]
-        if g.prefix_len[v] > g.head_out_start[layer]:  # sequential blocks: the MLP also reads its layer's heads
-            heads = writers.blocks[-1]
-            mixed = mixed + torch.einsum("h,hbpd->bpd", drop[g.head_out_start[layer] : g.prefix_len[v], v], heads)
-        return x - mixed
+        v = g.mlp_in_index[hook.layer()]  # sequential blocks: the MLP also reads its layer's heads
+        return x + mix(range(v, v + 1), g.prefix_len[v])[0]
 
     def keep_mlp(x, hook):
-        u = g.mlp_out_index[hook.layer()]
-        writers.append((x - ablation_outputs[u])[None])
+        layer = hook.layer()
+        add_writers(x[None], g.mlp_out_index[layer])
 
     hooks = []
     for i in range(L):
         hooks += [(f"blocks.{i}.hook_resid_pre", keep_resid), (f"blocks.{i}.attn.hook_z", keep_heads)]
-        hooks += [(f"blocks.{i}.attn.hook_{c}", project(c)) for c in naming.CHANNELS]
         if g.spec.has_mlps:
             hooks += [(f"blocks.{i}.hook_mlp_in", mix_mlp_in), (f"blocks.{i}.hook_mlp_out", keep_mlp)]
-    with model.hooks(fwd_hooks=hooks):
+    with model.hooks(fwd_hooks=hooks), adapter.qkv_from(project):
         resid = adapter.embed(tokens)
-        writers = _Writers(g.n_upstream, resid[None])
-        writers.append((resid - ablation_outputs[0])[None])
+        writers = _Writers(g, resid[None], workspace)
+        add_writers(resid[None], 0)
         for block in model.blocks:
             resid = block(resid)
-        resid = resid - mix(range(g.logits_index, g.logits_index + 1), g.n_upstream)[0]
+        resid = resid + mix(range(g.logits_index, g.logits_index + 1), g.n_upstream)[0]
         return adapter.unembed_at(resid, positions)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from circuitctl.methods.base import DiscoveryContext
-from circuitctl.methods.edge_pruning_forward import masked_logits
+from circuitctl.methods.edge_pruning_forward import Workspace, masked_logits
 from circuitctl.metrics.metrics import METRICS
 from circuitctl.tasks.data import TaskData
 
@@ -46,6 +46,7 @@ class TrainingData:
         self.batch_size = min(batch_size, self.data.n)
         self.engine = context.engine(self.batch_size)
         self.device = context.adapter.device
+        self.workspace = Workspace()  # the masked passes' large buffers, reused from step to step
         self._ablation: torch.Tensor | None = None
         self._reference: torch.Tensor | None = None
         adapter, n = context.adapter, self.data.n
@@ -91,10 +92,10 @@ class TrainingData:
         self._ablation = torch.cat(ablations, dim=1) if ablations else None
 
 
-def objective_loss(context: DiscoveryContext, objective: str, batch: TaskData, ablation, reference, keep) -> torch.Tensor:
+def objective_loss(context: DiscoveryContext, objective: str, batch: TaskData, ablation, reference, keep, workspace: Workspace | None = None) -> torch.Tensor:
     """The task part of the loss for a mask `keep` [U, V]: mean KL from the full model at the answer
     position, or the importance-signed metric change (positive when the masked model does worse)."""
-    logits = masked_logits(context.adapter, batch.clean, batch.answer_positions, ablation, keep)
+    logits = masked_logits(context.adapter, batch.clean, batch.answer_positions, ablation, keep, workspace)
     if objective == "kl":
         return METRICS.get("kl")(logits, batch, reference).mean()
     metric = context.metric

@@ -82,7 +82,7 @@ def discover(context: DiscoveryContext, settings: SubnetworkProbingSettings) -> 
                 optimizer.zero_grad(set_to_none=True)
                 with torch.enable_grad():
                     z = hard_concrete.sample(log_alpha, step_generator(context.seed, step, device))
-                    task_loss = objective_loss(context, settings.objective, batch, ablation, reference, node_keep(graph, z))
+                    task_loss = objective_loss(context, settings.objective, batch, ablation, reference, node_keep(graph, z), data.workspace)
                     penalty = hard_concrete.prob_nonzero(log_alpha).mean()
                     (task_loss + settings.lambda_reg * penalty).backward()
                 with hold_interrupts():

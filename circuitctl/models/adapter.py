@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -304,6 +305,33 @@ class ModelAdapter:
         if channel != "q" and self.graph.spec.grouped:
             return getattr(attn, f"_W_{name}"), getattr(attn, f"_b_{name}")
         return getattr(attn, f"W_{name}"), getattr(attn, f"b_{name}")
+
+    @contextmanager
+    def qkv_from(self, compute: Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+        """For the duration, each layer's attention takes its q, k and v ([B, P, heads, d_head],
+        before hook_q/k/v and any q/k normalisation, which still apply) from ``compute(layer)``
+        instead of projecting ln1's output. A pass that projects every head's own mixed input
+        would otherwise pay for TransformerLens's projections as well and throw them away
+        (three d_model x d_model products per token and layer, a quarter of a forward pass)."""
+        attentions = [block.attn for block in self.model.blocks]
+
+        def projected(layer: int, attn):
+            def calculate_qkv_matrices(query_input, key_input, value_input):
+                q, k, v = compute(layer)
+                q, k, v = attn.hook_q(q), attn.hook_k(k), attn.hook_v(v)
+                if attn.cfg.use_qk_norm:
+                    q, k = attn._apply_qk_norm(q, attn.q_norm), attn._apply_qk_norm(k, attn.k_norm)
+                return q, k, v
+
+            return calculate_qkv_matrices
+
+        for layer, attn in enumerate(attentions):
+            attn.calculate_qkv_matrices = projected(layer, attn)  # an instance attribute hides the method
+        try:
+            yield
+        finally:
+            for attn in attentions:
+                del attn.calculate_qkv_matrices
 
     def head_outputs(self, layer: int, z: torch.Tensor) -> torch.Tensor:
         """[B, P, H, d_head] -> [H, B, P, d_model]: each head's contribution, without b_O."""

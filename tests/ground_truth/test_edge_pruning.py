@@ -75,6 +75,84 @@ def test_gradient_of_the_masked_forward_at_the_full_model_is_eap(name):
     torch.testing.assert_close(-context.metric.importance_sign * keep.grad * graph.edge_mask, eap_scores, atol=1e-5, rtol=1e-4)
 
 
+def _reference_masked_logits(adapter, tokens, positions, ablation, keep):
+    """The masked forward written plainly for the test: TransformerLens's per-head input and
+    output hooks (`use_split_qkv_input`, `use_attn_result`), each reader's input minus
+    sum_u (1 - keep[u, v]) * (current - ablated output of u), one edge at a time."""
+    model, g = adapter.model, adapter.graph
+    drop = (1 - keep) * g.edge_mask
+    diffs: list[torch.Tensor] = []
+
+    def mixed(x, v):
+        return x - sum(drop[u, v] * diffs[u] for u in range(g.prefix_len[v]))
+
+    def record_input(x, hook):
+        diffs.append(x - ablation[0])
+
+    def heads_in(channel):
+        def hook_fn(x, hook):
+            start = getattr(g, f"{channel}_in_start")[hook.layer()]
+            return torch.stack([mixed(x[:, :, h], start + h) for h in range(x.shape[2])], dim=2)
+        return hook_fn
+
+    def heads_out(x, hook):
+        lo = g.head_out_start[hook.layer()]
+        diffs.extend(x[:, :, h] - ablation[lo + h] for h in range(x.shape[2]))
+
+    def mlp_in(x, hook):
+        return mixed(x, g.mlp_in_index[hook.layer()])
+
+    def mlp_out(x, hook):
+        diffs.append(x - ablation[g.mlp_out_index[hook.layer()]])
+
+    def logits_in(x, hook):
+        return mixed(x, g.logits_index)
+
+    L = adapter.cfg.n_layers
+    hooks = [("blocks.0.hook_resid_pre", record_input), (f"blocks.{L - 1}.hook_resid_post", logits_in)]
+    for i in range(L):
+        hooks += [(f"blocks.{i}.hook_{c}_input", heads_in(c)) for c in "qkv"]
+        hooks += [(f"blocks.{i}.attn.hook_result", heads_out)]
+        if g.spec.has_mlps:
+            hooks += [(f"blocks.{i}.hook_mlp_in", mlp_in), (f"blocks.{i}.hook_mlp_out", mlp_out)]
+    model.set_use_split_qkv_input(True)
+    model.set_use_attn_result(True)
+    if g.spec.has_mlps:
+        model.set_use_hook_mlp_in(True)
+    try:
+        logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
+    finally:
+        model.set_use_split_qkv_input(False)
+        model.set_use_attn_result(False)
+        if g.spec.has_mlps:
+            model.set_use_hook_mlp_in(False)
+    return logits[torch.arange(len(tokens)), positions]
+
+
+@pytest.mark.parametrize("kind", ["ln_mlp", "attn_only", "parallel"])
+def test_masked_forward_and_its_gradient_match_a_plain_reference_at_fractional_masks(kind):
+    """Between 0 and 1 every writer's output reaches later readers through the mixes, so the
+    gradient with respect to `keep` goes through the whole chain of mixed inputs."""
+    model = random_model(0, **MODELS[kind])
+    adapter = ModelAdapter(model)
+    graph = adapter.graph
+    tokens, corrupt = random_tokens(3, 6, 13, 1), random_tokens(3, 6, 13, 2)
+    positions = torch.tensor([5, 4, 3])
+    ablation = adapter.run(corrupt, positions).outputs
+    start = torch.rand(graph.n_upstream, graph.n_downstream, generator=torch.Generator().manual_seed(4))
+    results = []
+    for forward in (masked_logits, _reference_masked_logits):
+        keep = start.clone().to(adapter.device).requires_grad_(True)
+        with torch.enable_grad():
+            logits = forward(adapter, tokens, positions, ablation, keep)
+            (logits.log_softmax(-1)[:, 0] - logits[:, 1]).sum().backward()
+        results.append((logits.detach(), keep.grad * graph.edge_mask.to(keep.device)))
+    (ours, our_grad), (plain, plain_grad) = results
+    torch.testing.assert_close(ours, plain, atol=1e-5, rtol=1e-5)
+    assert plain_grad.abs().max() > 1e-3  # the reference really has gradients through the mixes
+    torch.testing.assert_close(our_grad, plain_grad, atol=1e-5, rtol=1e-4)
+
+
 def test_a_masked_pass_frees_its_graph_without_the_garbage_collector(monkeypatch):
     """No reference cycle through the autograd graph: a step's activations are freed when its
     outputs are (a cycle made edge pruning grow by 12 MB per step on the toy GPT)."""
@@ -90,7 +168,13 @@ def test_a_masked_pass_frees_its_graph_without_the_garbage_collector(monkeypatch
     ablation = adapter.run(random_tokens(2, 5, 13, 2), positions).outputs
     refs = []
     append = edge_pruning_forward._Writers.append
-    monkeypatch.setattr(edge_pruning_forward._Writers, "append", lambda self, block: (refs.append(weakref.ref(block)), append(self, block))[1])
+
+    def recording_append(self, block, *args):
+        handle = append(self, block, *args)
+        refs.extend(weakref.ref(t) for t in (block, handle) if t is not None)
+        return handle
+
+    monkeypatch.setattr(edge_pruning_forward._Writers, "append", recording_append)
     gc.disable()
     try:
         keep = torch.full((graph.n_upstream, graph.n_downstream), 0.7, requires_grad=True)
