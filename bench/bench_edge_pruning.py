@@ -3,8 +3,9 @@
     python bench/bench_edge_pruning.py [--batch 8] [--length 16] [--shape gpt2-small-shape] [--threads 1]
     python bench/bench_edge_pruning.py --smoke        # a tiny model, seconds: checks that the script works
 
-All variants run in one process on the same model and batch, each timed as the median of a few
-repeats after a warm-up (ratios within one process, as the project asks):
+All variants run in one process on the same model and batch, taking turns in each of several
+rounds after a warm-up; a ratio is the median over the rounds of that round's ratio (this
+machine's speed drifts by 10 % and more within minutes, so timings minutes apart mislead):
 
   plain fwd+bwd (activations): blocks, final LayerNorm and unembedding at the answer position,
       KL to fixed reference logits, backward to the input embeddings with the weights frozen
@@ -24,7 +25,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import build_model, random_pairs, time_it, write_results  # noqa: E402
+from common import build_model, median, random_pairs, time_interleaved, write_results  # noqa: E402
 
 
 def measure(shape: str, batch: int, length: int, repeats: int) -> dict:
@@ -50,9 +51,8 @@ def measure(shape: str, batch: int, length: int, repeats: int) -> dict:
     reference = adapter.run(data.clean, positions).logits
 
     def plain(with_params: bool):
-        model.requires_grad_(with_params)
-
         def step():
+            model.requires_grad_(with_params)
             with torch.enable_grad():
                 resid = adapter.embed(data.clean).detach().requires_grad_(not with_params)
                 for block in model.blocks:
@@ -68,16 +68,21 @@ def measure(shape: str, batch: int, length: int, repeats: int) -> dict:
     counter = iter(range(10**9))
 
     def pruning_step():
+        model.requires_grad_(False)
         row = edge_pruning._step(context, settings, training, pruner, next(counter) % 400 + 1, 0.9, 0.0, edge_mask)
         pruner.optimizer.step()
         return row
 
-    seconds = {
-        "plain_fwd_bwd_activations": time_it(plain(False), repeats=repeats),
-        "plain_fwd_bwd_params": time_it(plain(True), repeats=repeats),
-    }
+    times = time_interleaved(
+        {"plain_fwd_bwd_activations": plain(False), "plain_fwd_bwd_params": plain(True), "edge_pruning_step": pruning_step},
+        rounds=repeats,
+    )
     model.requires_grad_(False)
-    seconds["edge_pruning_step"] = time_it(pruning_step, repeats=repeats)
+    seconds = {name: median(values) for name, values in times.items()}
+
+    def ratio(baseline: str) -> float:
+        return median([step / base for step, base in zip(times["edge_pruning_step"], times[baseline])])
+
     return {
         "shape": shape,
         "batch": batch,
@@ -85,8 +90,9 @@ def measure(shape: str, batch: int, length: int, repeats: int) -> dict:
         "n_edges": graph.n_edges,
         "threads": torch.get_num_threads(),
         "seconds": seconds,
-        "ratio_vs_activations": seconds["edge_pruning_step"] / seconds["plain_fwd_bwd_activations"],
-        "ratio_vs_params": seconds["edge_pruning_step"] / seconds["plain_fwd_bwd_params"],
+        "rounds": times,
+        "ratio_vs_activations": ratio("plain_fwd_bwd_activations"),
+        "ratio_vs_params": ratio("plain_fwd_bwd_params"),
     }
 
 
@@ -96,7 +102,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9, help="rounds, each variant once per round")
     parser.add_argument("--smoke", action="store_true", help="tiny model, batch 2, 8 tokens, 2 repeats")
     args = parser.parse_args()
     if args.smoke:

@@ -183,6 +183,26 @@ def time_it(fn, repeats: int = 3, warmup: int = 1) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def time_interleaved(fns: dict, rounds: int = 5, warmup: int = 1) -> dict[str, list[float]]:
+    """Wall times of each `fns[name]()` over `rounds` rounds, the variants taking turns within a
+    round: on a shared machine whose speed drifts, a ratio of two variants timed in the same
+    rounds is steadier than one of timings taken minutes apart."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
 def run_inner(script: str, args: list[str]) -> dict:
     """Run `script --inner ARGS` in a subprocess and parse the JSON it prints last."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}

@@ -69,12 +69,19 @@ class TrainingData:
         return order[i * self.batch_size : (i + 1) * self.batch_size]
 
     def batch(self, step: int) -> tuple[TaskData, torch.Tensor, torch.Tensor]:
-        """(examples, ablation outputs [U, B or 1, P, d], full-model logits [B, vocab]) of step `step`."""
+        """(examples, ablation outputs [U, B or 1, P, d], full-model logits [B, vocab]) of step `step`.
+        Cached ablation outputs are copied into one buffer that the next call overwrites."""
         index = self.indices(step)
         batch = self.data.take(index).to(self.device)
         if self._reference is not None:
-            ablation = self._ablation[:, index.to(self.device)] if self._ablation is not None else self.engine.ablation_outputs(batch)
-            return batch, ablation, self._reference[index.to(self.device)]
+            index = index.to(self.device)
+            if self._ablation is None:
+                ablation = self.engine.ablation_outputs(batch)
+            else:  # a reused buffer: a fresh one of this size (GPT-2: 60 MB at batch 8) is page faults every step
+                ablation = self.workspace.take("ablation", (self._ablation.shape[0], len(index), *self._ablation.shape[2:]), self._ablation)
+                torch.index_select(self._ablation, 1, index, out=ablation)
+                self.workspace.give_back("ablation", ablation)
+            return batch, ablation, self._reference[index]
         with torch.no_grad():
             reference = self.context.adapter.run(batch.clean, batch.answer_positions).logits
             ablation = self.engine.ablation_outputs(batch)
