@@ -123,33 +123,38 @@ class _Writer(torch.autograd.Function):
 
 
 class _Mix(torch.autograd.Function):
-    """weights^T @ buffer[:n] for readers `columns`; the writers' handles are inputs only so that
-    autograd runs every mix that reads a writer before the writer's own backward."""
+    """base + weights^T @ buffer[:n] for the readers of one mix: base, the current input that
+    they share, is added inside the product rather than in a pass of its own over their [V,
+    B*P*d] inputs (a pass that costs as much as the product's own writing). The writers' handles
+    are inputs only so that autograd runs every mix that reads a writer before the writer's own
+    backward."""
 
     @staticmethod
-    def forward(ctx, weights: torch.Tensor, writers: _Writers, *handles: torch.Tensor) -> torch.Tensor:
-        ctx.writers = writers
+    def forward(ctx, base: torch.Tensor, weights: torch.Tensor, writers: _Writers, *handles: torch.Tensor) -> torch.Tensor:
+        ctx.writers, ctx.base_shape = writers, base.shape
         ctx.save_for_backward(weights)
-        return _mm_in_column_blocks(weights.T, writers.buffer[: weights.shape[0]])
+        return _addmm_in_column_blocks(base.reshape(1, -1), weights.T, writers.buffer[: weights.shape[0]])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (weights,) = ctx.saved_tensors
         writers = ctx.writers
-        grad_weights = writers.buffer[: weights.shape[0]] @ grad.T if ctx.needs_input_grad[0] else None
+        grad_base = grad.sum(0).view(ctx.base_shape) if ctx.needs_input_grad[0] else None
+        grad_weights = writers.buffer[: weights.shape[0]] @ grad.T if ctx.needs_input_grad[1] else None
         writers.accumulate(weights, grad)
-        return (grad_weights, None, *(None for _ in range(len(ctx.needs_input_grad) - 2)))
+        return (grad_base, grad_weights, None, *(None for _ in range(len(ctx.needs_input_grad) - 3)))
 
 
-def _mm_in_column_blocks(a: torch.Tensor, b: torch.Tensor, block: int = 4096) -> torch.Tensor:
-    """a @ b for a few rows of `a` and a very wide `b`: on the CPU in blocks of columns, each
-    block's part of `b` still in cache while its output is written (about 15 % faster here than
-    one product of this shape: `bench/bench_edge_pruning.py`)."""
+def _addmm_in_column_blocks(row: torch.Tensor, a: torch.Tensor, b: torch.Tensor, block: int = 4096) -> torch.Tensor:
+    """row + a @ b (row [1, N] added to every row) for a few rows of `a` and a very wide `b`: on
+    the CPU in blocks of columns, each block's part of `b` still in cache while its output is
+    written (about 15 % faster here than one product of this shape)."""
     if b.device.type != "cpu" or b.shape[1] <= block:
-        return a @ b
+        return torch.addmm(row, a, b)
     out = b.new_empty((a.shape[0], b.shape[1]))
     for start in range(0, b.shape[1], block):
-        torch.mm(a, b[:, start : start + block], out=out[:, start : start + block])
+        stop = start + block
+        torch.addmm(row[:, start:stop], a, b[:, start:stop], out=out[:, start:stop])
     return out
 
 
@@ -192,11 +197,12 @@ def masked_logits(
     B, P = tokens.shape
     n_kv = g.spec.kv_heads
 
-    def mix(columns: range, n_up: int) -> torch.Tensor:
-        """sum_u mixing[u, v] * diff_u for the downstream inputs `columns` over the first n_up writers."""
+    def mix(current: torch.Tensor, columns: range, n_up: int) -> torch.Tensor:
+        """current + sum_u mixing[u, v] * diff_u for the downstream inputs `columns` (whose current
+        input is `current` [B, P, d]) over the first n_up writers: [len(columns), B, P, d]."""
         weights = mixing[:n_up, columns.start : columns.stop]
         handles = [h for h, end in zip(handles_by_end, ends) if end <= n_up and h is not None]
-        return _Mix.apply(weights, writers, *handles).view(len(columns), B, P, -1)
+        return _Mix.apply(current, weights, writers, *handles).view(len(columns), B, P, -1)
 
     def add_writers(block: torch.Tensor, first: int) -> None:
         """Writers `first`.. (the rows of `block`)."""
@@ -211,7 +217,7 @@ def masked_logits(
         """q, k and v of every head from its own mixed input: one mixing product, one normalisation
         and one batched projection for all q, k and v inputs of the layer."""
         start = g.q_in_start[layer]
-        inputs = resid_pre[layer][None] + mix(range(start, start + H + 2 * n_kv), g.head_out_start[layer])
+        inputs = mix(resid_pre[layer], range(start, start + H + 2 * n_kv), g.head_out_start[layer])
         normed = _normalize(model.blocks[layer].ln1, inputs)
         weights, biases = zip(*(adapter.projection(layer, c) for c in naming.CHANNELS))
         projected = torch.einsum("hbpd,hde->hbpe", normed, torch.cat(weights)) + torch.cat(biases)[:, None, None]
@@ -224,7 +230,7 @@ def masked_logits(
 
     def mix_mlp_in(x, hook):
         v = g.mlp_in_index[hook.layer()]  # sequential blocks: the MLP also reads its layer's heads
-        return x + mix(range(v, v + 1), g.prefix_len[v])[0]
+        return mix(x, range(v, v + 1), g.prefix_len[v])[0]
 
     def keep_mlp(x, hook):
         layer = hook.layer()
@@ -241,7 +247,7 @@ def masked_logits(
         add_writers(resid[None], 0)
         for block in model.blocks:
             resid = block(resid)
-        resid = resid + mix(range(g.logits_index, g.logits_index + 1), g.n_upstream)[0]
+        resid = mix(resid, range(g.logits_index, g.logits_index + 1), g.n_upstream)[0]
         return adapter.unembed_at(resid, positions)
 
 
