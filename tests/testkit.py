@@ -1,5 +1,5 @@
 """What tests share beyond fixtures: the device tier's device, tiny random models, random tokens,
-the golden version-1 run directories, circuitctl run in-process.
+the golden version-1 run directories, circuitctl run in-process, two torchrun ranks.
 
 (Imported as `testkit`, never as `conftest`: several directories have a conftest.py.)
 """
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -65,3 +67,15 @@ def golden_copy(name: str, root: Path) -> Path:
         if file.suffix in (".json", ".yaml") and file.is_file():
             file.write_text(file.read_text().replace("/tmp/golden", str(root)))
     return root / name
+
+
+def torchrun(args: list[str], cwd: Path | None = None, python_path: tuple[str, ...] = (), timeout: int = 300) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node 2 ARGS` in a clean environment: no rank variables
+    inherited from a surrounding run, offline, one thread per rank; `python_path` adds folders for
+    the ranks' imports (a driver script that imports test helpers)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    if python_path:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (*python_path, env.get("PYTHONPATH", "")) if p)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

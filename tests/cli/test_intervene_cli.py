@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
-from testkit import cli_exit_code, golden_copy
+from testkit import cli_exit_code, golden_copy, torchrun
 import torch
 
 from helpers import second_token_records
@@ -211,16 +211,9 @@ def test_bad_input_exits_2_with_one_message(world, capsys, args, message):
 
 @pytest.mark.slow
 def test_torchrun_gives_the_single_process_intervention(world):
-    import os
-    import subprocess
-    import sys
-
     (world / "ranks.yaml").write_text(CONFIG.replace("batch_size: 8", "batch_size: 5") % 2)  # 24 pairs: shards of 12, a short last batch
     args = ["intervene", "ranks.yaml", "--ablate", "a0.h0,a0.h1", "--tasks", "second.jsonl"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "circuitctl", *args, "--out", "two"]
-    result = subprocess.run(command, cwd=world, env=env, capture_output=True, text=True, timeout=300)
+    result = torchrun(["-m", "circuitctl", *args, "--out", "two"], cwd=world)
     assert result.returncode == 0, result.stderr[-3000:]
     assert cli([*args[:1], str(world / "ranks.yaml"), *args[2:4], "--tasks", str(world / "second.jsonl"), "--out", str(world / "one")]) == 0
     one, two = record(world / "one"), record(world / "two")

@@ -6,14 +6,12 @@ per-position edges and nodes and SAE features, and what that loop guarantees for
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import planted_context
+from testkit import torchrun
 
 from circuitctl.batching import collect_notes
 from circuitctl.circuits.evaluator import CircuitEvaluator
@@ -160,11 +158,7 @@ def test_two_torchrun_ranks_evaluate_every_kind_like_one_process(tmp_path):
     script.write_text(DRIVER)
     tests_dir = str(Path(__file__).parent)
     shared = str(Path(__file__).resolve().parents[1])  # tests/: helpers
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    path = os.pathsep.join(p for p in (tests_dir, shared, env.get("PYTHONPATH", "")) if p)
-    env.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": path})
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), str(tmp_path), tests_dir]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    result = torchrun([str(script), str(tmp_path), tests_dir], python_path=(tests_dir, shared), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     single = {}

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import planted_context
+from testkit import torchrun
 
 from circuitctl.analysis.compare import compare
 from circuitctl.analysis.stability import stability
@@ -253,18 +254,11 @@ def per_example_everything() -> dict:
 @pytest.mark.slow
 def test_two_torchrun_ranks_give_every_example_like_one_process(tmp_path):
     import json
-    import os
-    import subprocess
-    import sys
 
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
     tests_dir, shared = str(Path(__file__).parent), str(Path(__file__).resolve().parents[1])
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-                "PYTHONPATH": os.pathsep.join(p for p in (tests_dir, shared, env.get("PYTHONPATH", "")) if p)})
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), str(tmp_path), tests_dir]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    result = torchrun([str(script), str(tmp_path), tests_dir], python_path=(tests_dir, shared), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     single = per_example_everything()
     for rank in (0, 1):
