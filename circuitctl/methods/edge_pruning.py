@@ -105,6 +105,7 @@ def discover(context: DiscoveryContext, settings: EdgePruningSettings) -> Discov
     sparsities = [_sparsity(kind, value, graph.n_edges) for kind, value in targets]
     progress = _Progress(log=[[] for _ in targets])
     init_scores: torch.Tensor | None = None
+    init_passes = 0.0  # the forward passes of the method that gave init_scores
     pruner: _Pruner | None = None
 
     def snapshot() -> tuple[dict, dict]:
@@ -113,15 +114,16 @@ def discover(context: DiscoveryContext, settings: EdgePruningSettings) -> Discov
             tensors["init_scores"] = init_scores
         if pruner is not None:
             tensors.update(pruner.tensors())
-        state = {"point": progress.point, "step": progress.step, "n_edges": graph.n_edges, "log": progress.log}
+        state = {"point": progress.point, "step": progress.step, "n_edges": graph.n_edges, "log": progress.log, "init_forward_passes": init_passes}
         return state, tensors
 
     autosave = Autosave(context.checkpoint, METHOD, settings.checkpoint_every_seconds, snapshot)
     loaded = autosave.load(context.resume)
     if loaded is not None:
         progress, init_scores = _restored(loaded, graph, len(targets), context)
+        init_passes = float(loaded[0].get("init_forward_passes", 0.0))
     if settings.init_from is not None and init_scores is None:
-        init_scores = member_edge_scores(context, settings.init_from)[0]
+        init_scores, init_passes = member_edge_scores(context, settings.init_from)
         autosave.save()
     start_sparsity = settings.init_sparsity if init_scores is not None else 0.0
     data = TrainingData(context, settings.batch_size, settings.cache_mib)
@@ -150,7 +152,7 @@ def discover(context: DiscoveryContext, settings: EdgePruningSettings) -> Discov
         if context.checkpoint is None:
             raise
         raise autosave.interrupted("edge pruning") from None
-    return _result(context, settings, targets, sparsities, progress, data)
+    return _result(context, settings, targets, sparsities, progress, data, init_passes)
 
 
 def _sparsity(kind: str, value, n_edges: int) -> float:
@@ -201,7 +203,7 @@ def _initial_log_alpha(context, settings: EdgePruningSettings, init_scores, edge
     return initial.to(edge_mask.device)
 
 
-def _result(context, settings, targets, sparsities, progress: _Progress, data: TrainingData) -> DiscoveryResult:
+def _result(context, settings, targets, sparsities, progress: _Progress, data: TrainingData, init_passes: float) -> DiscoveryResult:
     graph = context.graph
     mask = graph.edge_mask
     points = []
@@ -219,18 +221,19 @@ def _result(context, settings, targets, sparsities, progress: _Progress, data: T
             }
         }
         label = f"{kind}-{value:g}" if isinstance(value, float) else f"{kind}-{value}"
-        points.append(SweepPoint(label, {kind: value}, scores, membership, _forward_passes(settings, data), extra))
+        points.append(SweepPoint(label, {kind: value}, scores, membership, init_passes + _forward_passes(settings, data), extra))
     files = {"edge_pruning_log.json": {"points": [{"label": p.label, "log": log} for p, log in zip(points, progress.log)]}}
     if len(points) == 1:
         only = points[0]
         return DiscoveryResult(only.scores, only.membership, forward_passes=only.forward_passes, extra=only.extra, files=files)
-    total = sum(p.forward_passes for p in points)
+    total = init_passes + sum(p.forward_passes - init_passes for p in points)  # the warm start ran once
     return DiscoveryResult(points[0].scores, points[0].membership, forward_passes=total, files=files, sweep=points)
 
 
 def _forward_passes(settings: EdgePruningSettings, data: TrainingData) -> float:
-    """Forward-pass equivalents over the dataset: the clean and ablation runs, then one masked
-    forward (and backward) per step on `batch_size` examples."""
+    """Forward-pass equivalents over the dataset of one target's training: the clean and ablation
+    runs, then one masked forward (and backward) per step on `batch_size` examples (an `init_from`
+    method's passes are added by the caller)."""
     return 2.0 + settings.steps * data.batch_size / data.data.n
 
 

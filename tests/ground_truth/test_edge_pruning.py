@@ -249,10 +249,14 @@ def test_init_from_another_method_sets_the_initial_log_alphas_by_its_ranks(monke
         seen["initial"] = initial.cpu()
         return original(ctx, s, initial)
 
+    without = edge_pruning.discover(context, settings.model_copy(update={"init_from": None}))
     monkeypatch.setattr(edge_pruning, "_Pruner", spy)
-    edge_pruning.discover(context, settings)  # lr factor 0 at step 0: the masks do not move
+    result = edge_pruning.discover(context, settings)  # lr factor 0 at step 0: the masks do not move
     mask = context.graph.edge_mask
-    eap_scores = eap.discover(context, EapSettings()).scores
+    eap_result = eap.discover(context, EapSettings())
+    eap_scores = eap_result.scores
+    # the warm start's passes count: EAP's, plus the training's own
+    assert result.forward_passes == pytest.approx(eap_result.forward_passes + without.forward_passes)
     initial = seen["initial"][mask]
     assert torch.equal(torch.argsort(initial, stable=True), torch.argsort(eap_scores[mask].abs(), stable=True))
     noiseless = (torch.sigmoid(initial / hard_concrete.TEMPERATURE) * 1.2 - 0.1).clamp(0, 1)
