@@ -180,7 +180,7 @@ def time_it(fn, repeats: int = 3, warmup: int = 1) -> float:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return median(times)
 
 
 def time_interleaved(fns: dict, rounds: int = 5, warmup: int = 1) -> dict[str, list[float]]:
@@ -200,6 +200,7 @@ def time_interleaved(fns: dict, rounds: int = 5, warmup: int = 1) -> dict[str, l
 
 
 def median(values: list[float]) -> float:
+    """The middle value (the upper one of an even count): a timing that was really measured."""
     return sorted(values)[len(values) // 2]
 
 

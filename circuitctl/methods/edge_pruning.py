@@ -120,8 +120,7 @@ def discover(context: DiscoveryContext, settings: EdgePruningSettings) -> Discov
     autosave = Autosave(context.checkpoint, METHOD, settings.checkpoint_every_seconds, snapshot)
     loaded = autosave.load(context.resume)
     if loaded is not None:
-        progress, init_scores = _restored(loaded, graph, len(targets), context)
-        init_passes = float(loaded[0].get("init_forward_passes", 0.0))
+        progress, init_scores, init_passes = _restored(loaded, graph, len(targets), context)
     if settings.init_from is not None and init_scores is None:
         init_scores, init_passes = member_edge_scores(context, settings.init_from)
         autosave.save()
@@ -206,6 +205,7 @@ def _initial_log_alpha(context, settings: EdgePruningSettings, init_scores, edge
 def _result(context, settings, targets, sparsities, progress: _Progress, data: TrainingData, init_passes: float) -> DiscoveryResult:
     graph = context.graph
     mask = graph.edge_mask
+    training = _forward_passes(settings, data)  # per target; the warm start ran once for all
     points = []
     for (kind, value), target, log_alpha, log in zip(targets, sparsities, progress.finished, progress.log):
         log_alpha = log_alpha.float().cpu()
@@ -221,12 +221,12 @@ def _result(context, settings, targets, sparsities, progress: _Progress, data: T
             }
         }
         label = f"{kind}-{value:g}" if isinstance(value, float) else f"{kind}-{value}"
-        points.append(SweepPoint(label, {kind: value}, scores, membership, init_passes + _forward_passes(settings, data), extra))
+        points.append(SweepPoint(label, {kind: value}, scores, membership, init_passes + training, extra))
     files = {"edge_pruning_log.json": {"points": [{"label": p.label, "log": log} for p, log in zip(points, progress.log)]}}
     if len(points) == 1:
         only = points[0]
         return DiscoveryResult(only.scores, only.membership, forward_passes=only.forward_passes, extra=only.extra, files=files)
-    total = init_passes + sum(p.forward_passes - init_passes for p in points)  # the warm start ran once
+    total = init_passes + training * len(points)
     return DiscoveryResult(points[0].scores, points[0].membership, forward_passes=total, files=files, sweep=points)
 
 
@@ -237,10 +237,11 @@ def _forward_passes(settings: EdgePruningSettings, data: TrainingData) -> float:
     return 2.0 + settings.steps * data.batch_size / data.data.n
 
 
-def _restored(loaded, graph, n_targets: int, context) -> tuple[_Progress, torch.Tensor | None]:
+def _restored(loaded, graph, n_targets: int, context) -> tuple[_Progress, torch.Tensor | None, float]:
+    """(progress, the init_from scores, their method's forward passes) of a checkpoint."""
     state, tensors = loaded
     if state.get("n_edges") != graph.n_edges or len(state.get("log", [])) != n_targets:
         raise UsageError(f"{context.checkpoint.dir}: the checkpoint does not fit this model and config; delete it to start over")
     finished = [tensors[f"finished.{i}"] for i in range(state["point"])]
     progress = _Progress(state["point"], state["step"], finished, state["log"])
-    return progress, tensors.get("init_scores")
+    return progress, tensors.get("init_scores"), float(state.get("init_forward_passes", 0.0))

@@ -32,10 +32,10 @@ from circuitctl.models.adapter import ModelAdapter
 
 
 class Workspace:
-    """Buffers that successive masked passes reuse: the writers' buffer and the readers'
-    gradients are hundreds of MB for GPT-2 (``n_upstream`` and ``n_downstream`` rows of
-    ``B*P*d``); a fresh allocation of that size on the CPU is new pages from the kernel every
-    step, page faults that cost as much as the copies into them. A pass takes a buffer and gives
+    """Buffers that successive masked passes reuse: the writers' outputs and their gradients
+    (``n_upstream`` rows of ``B*P*d``, 60 MB each for GPT-2 at batch 8 x 16) and the batch's
+    ablation outputs; a fresh allocation of that size on the CPU is new pages from the kernel
+    every step, page faults that cost as much as the copies into them. A pass takes a buffer and gives
     it back when its autograd graph is freed; a second pass alive at the same time gets a fresh
     one. (On a GPU the caching allocator already does this.)"""
 
